@@ -1,0 +1,43 @@
+# rnnserve: `make serve` and `make test` do all the set-up they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+HOST ?= 127.0.0.1
+PORT ?= 50051
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint protos models clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Serving dependencies only (no torch).
+$(VENV)/.installed-serve: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e .
+	touch $@
+
+# Serving + training + development tools.
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
+	touch $@ $(VENV)/.installed-serve
+
+serve: $(VENV)/.installed-serve ## serve the bundled models/ on 127.0.0.1:50051
+	$(BIN)/rnnserve serve --models models --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-dev ## run the whole default test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev ## ruff, and fail if the generated protobuf code is stale
+	$(BIN)/ruff check .
+	$(BIN)/python protos/generate.py --check
+
+protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated from protos/
+	$(BIN)/python protos/generate.py
+
+models: $(VENV)/.installed-dev ## retrain the bundled models and export them into models/
+	$(BIN)/rnnserve train sentiment --export-to models
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,95 @@
+"""The model card `model.json`: a versioned schema that training writes and serving validates."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CARD_SCHEMA_VERSION = 1
+TASKS = ("text_classification",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str = Field(description="ONNX element type name, e.g. int64 or float32")
+    shape: list[int | str] = Field(description="an int per fixed axis, a name per dynamic one")
+
+
+class TextPreprocessing(_Strict):
+    kind: Literal["text"] = "text"
+    tokenizer_file: str = "tokenizer.json"
+    max_tokens: int = Field(gt=0, description="texts are truncated to this many tokens")
+    pad_id: int = Field(0, ge=0)
+
+
+class Limits(_Strict):
+    max_batch_size: int = Field(256, gt=0, description="most inputs in one request")
+    max_text_chars: int = Field(4096, gt=0, description="most characters in one text")
+
+
+class ClassMetrics(_Strict):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvaluationMetrics(_Strict):
+    split: str
+    examples: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, ClassMetrics] = {}
+    confusion_matrix: list[list[int]] = []
+
+
+class DataInfo(_Strict):
+    source: str
+    digest: str
+    examples: int
+    split: dict[str, int | float | list[float]] = Field(
+        description="split method, seed, fractions and part sizes"
+    )
+
+
+class ExportInfo(_Strict):
+    exporter: str
+    opset: int
+    torch_version: str
+    onnxruntime_version: str
+    parity_max_abs_diff: float
+    parity_examples: int
+    parity_labels_identical: bool
+
+
+class ModelCard(_Strict):
+    schema_version: Literal[1] = CARD_SCHEMA_VERSION
+    name: str
+    task: Literal["text_classification"]
+    description: str = ""
+    labels: list[str] = Field(min_length=2)
+    architecture: dict[str, int | float | str | bool]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: TextPreprocessing
+    limits: Limits = Limits()
+    metrics: EvaluationMetrics
+    baseline: EvaluationMetrics | None = None
+    baseline_method: str = ""
+    data: DataInfo
+    training_command: str
+    training_seconds: float
+    git_revision: str | None = None
+    export: ExportInfo
+    created_at: str
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> ModelCard:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        return self

@@ -1,0 +1,53 @@
+"""The `rnnserve` command line: serve, train, export (also `python -m serving`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnserve", description="Train, export and serve LSTM/GRU models.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC")
+    serve.add_argument("--models", type=Path, help="model repository (default models/)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    serve.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(handler=_serve)
+
+    try:
+        from training.cli import add_subcommands
+    except ImportError:  # the serving image ships without the training package
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(subparsers)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.grpc.server import serve
+    from serving.settings import ServerSettings
+
+    overrides = {
+        key: value
+        for key, value in {"models": args.models, "host": args.host, "port": args.port, "device": args.device}.items()
+        if value is not None
+    }
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(ServerSettings(**overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

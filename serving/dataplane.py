@@ -1,0 +1,98 @@
+"""The data plane shared by every transport: validate inputs, preprocess, run, postprocess."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.card import Limits
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serving.repository import ModelEntry, ModelVersion
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probabilities: np.ndarray
+    # (label, probability), most probable first; empty unless top_k was asked for
+    top: list[tuple[str, float]]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class DataPlane:
+    def __init__(self, models: dict[str, ModelEntry]):
+        self.models = models
+
+    def list_models(self) -> list[ModelEntry]:
+        return [self.models[name] for name in sorted(self.models)]
+
+    def entry(self, name: str) -> ModelEntry:
+        if not name:
+            raise InvalidInput("model: empty; name one of the served models")
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {name!r} not found; served models: {', '.join(sorted(self.models)) or 'none'}"
+            ) from None
+
+    def model(self, name: str, version: str = "") -> ModelVersion:
+        entry = self.entry(name)
+        if version:
+            if version in entry.versions:
+                return entry.versions[version]
+            if version in entry.failures:
+                raise ModelNotReady(f"model {name!r} version {version} is not ready: {entry.failures[version]}")
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; versions: {', '.join(entry.version_names()) or 'none'}"
+            )
+        if not entry.ready:
+            raise ModelNotReady(f"model {name!r} is not ready: {entry.reason}")
+        return entry.versions[entry.version_names()[0]]
+
+    @staticmethod
+    def limits(model: ModelVersion) -> Limits:
+        return model.card.limits if model.card else Limits()
+
+    def classify_texts(
+        self, name: str, version: str, texts: list[str], top_k: int = 0
+    ) -> tuple[ModelVersion, list[Prediction]]:
+        model = self.model(name, version)
+        if model.encoder is None:
+            raise InvalidInput(f"model {name!r} is a {model.task} model and does not take texts")
+        limits, labels = self.limits(model), model.card.labels
+        if not texts:
+            raise InvalidInput(f"texts: empty; send 1 to {limits.max_batch_size} texts")
+        if len(texts) > limits.max_batch_size:
+            raise InvalidInput(f"texts: {len(texts)} texts, limit {limits.max_batch_size} per request")
+        if top_k > len(labels):
+            raise InvalidInput(f"top_k: {top_k} exceeds the model's {len(labels)} labels")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"texts[{index}]: empty text")
+            if len(text) > limits.max_text_chars:
+                raise InvalidInput(
+                    f"texts[{index}]: {len(text)} characters, limit {limits.max_text_chars}"
+                )
+        token_ids = model.encoder.token_ids(texts)
+        for index, ids in enumerate(token_ids):
+            if not ids:
+                raise InvalidInput(f"texts[{index}]: no token left after normalisation")
+        input_ids, lengths = model.encoder.pad(token_ids)
+        (logits,) = model.session.run({"input_ids": input_ids, "lengths": lengths}, ["logits"])
+        probabilities = softmax(logits.astype(np.float64)).astype(np.float32)
+        predictions = []
+        for row in probabilities:
+            best = int(row.argmax())
+            order = np.argsort(-row, kind="stable")[:top_k]
+            predictions.append(Prediction(
+                label=labels[best], score=float(row[best]), probabilities=row,
+                top=[(labels[i], float(row[i])) for i in order],
+            ))
+        return model, predictions

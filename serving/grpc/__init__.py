@@ -1,0 +1,1 @@
+"""gRPC transport: servicers convert protobuf <-> data-plane calls; only this package imports grpc."""

@@ -1,0 +1,41 @@
+"""A small client for the typed API `rnnserve.v1`.
+
+    with RnnServeClient("127.0.0.1:50051") as client:
+        for result in client.classify("sentiment", ["what a wonderful flight"]):
+            print(result.label, result.score)
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class RnnServeClient:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = rnnserve_pb2_grpc.RnnServeStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def list_models(self) -> list[pb.ModelSummary]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s).models)
+
+    def get_model(self, name: str, version: str = "") -> pb.ModelInfo:
+        return self.stub.GetModel(pb.GetModelRequest(name=name, version=version), timeout=self.timeout_s)
+
+    def classify(self, model: str, texts: list[str], version: str = "", top_k: int = 0) -> list[pb.Classification]:
+        request = pb.ClassifyRequest(model=model, version=version, texts=texts, top_k=top_k)
+        return list(self.stub.Classify(request, timeout=self.timeout_s).results)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RnnServeClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""Build the gRPC server (`create_server`) separately from running it (`serve`, `BackgroundServer`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.dataplane import DataPlane
+from serving.grpc import typed
+from serving.repository import load_repository
+from serving.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RunningServer:
+    """A started server: its port, its health servicer and a way to shut it down."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer, dataplane, executor):
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.dataplane = dataplane
+        self.executor = executor
+
+    async def stop(self, grace_s: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
+    """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
+    if dataplane is None:
+        dataplane = DataPlane(load_repository(settings.models, settings.device, settings.intra_op_threads))
+    executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])
+    typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", SERVING)
+    await health_servicer.set(typed.SERVICE_NAME, SERVING)
+    for entry in dataplane.list_models():
+        await health_servicer.set(entry.name, SERVING if entry.ready else NOT_SERVING)
+
+    reflection.enable_server_reflection(
+        [typed.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    return RunningServer(server, port, health_servicer, dataplane, executor)
+
+
+async def _serve_until_signal(settings: ServerSettings) -> None:
+    running = await create_server(settings)
+    ready = [e.name for e in running.dataplane.list_models() if e.ready]
+    log.info("serving %s on %s:%d", ", ".join(ready) or "no ready model", settings.host, running.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: finishing in-flight work (grace %.1f s)", settings.grace_period_s)
+    await running.stop(settings.grace_period_s)
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run until SIGTERM/SIGINT; health turns NOT_SERVING, in-flight calls finish, exit 0."""
+    asyncio.run(_serve_until_signal(settings))
+    return 0
+
+
+class BackgroundServer:
+    """A server on its own event loop in a thread, for tests and embedding:
+
+    with BackgroundServer(settings) as server: ... server.port ...
+    """
+
+    def __init__(self, settings: ServerSettings, dataplane: DataPlane | None = None):
+        self.settings = settings
+        self.dataplane = dataplane
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rnnserve-server", daemon=True)
+        self.running: RunningServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(create_server(self.settings, self.dataplane), self.loop)
+        try:
+            self.running = future.result(timeout=120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+        return self
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(grace_s), self.loop).result(timeout=60)
+            self.running = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

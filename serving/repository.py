@@ -1,0 +1,166 @@
+"""The model repository: `<root>/<name>/<version>/{model.onnx, model.json, tokenizer.json}`.
+
+Read once at start. A version that fails any check is recorded with the reason
+and the rest keep loading; a model with no loadable version is not ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from serving.card import ModelCard
+from serving.errors import ModelLoadError
+from serving.runtime import OnnxSession, resolve_providers
+from serving.text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    path: Path
+    session: OnnxSession
+    card: ModelCard | None = None
+    encoder: TextEncoder | None = None
+
+    @property
+    def task(self) -> str:
+        return self.card.task if self.card else "tensor"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    # version -> why it did not load
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions)
+
+    @property
+    def reason(self) -> str:
+        if self.ready:
+            return ""
+        if not self.failures:
+            return "no version folder (numeric name) found"
+        return "; ".join(f"version {v}: {why}" for v, why in sorted(self.failures.items()))
+
+    def version_names(self) -> list[str]:
+        """Loaded versions, newest first."""
+        return sorted(self.versions, key=int, reverse=True)
+
+
+def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
+    """A regular file inside `folder`: no symlink, no extra hard link, bounded size."""
+    path = folder / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if required:
+            raise ModelLoadError(f"{path}: missing") from None
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise ModelLoadError(f"{path}: symbolic links are refused")
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{path}: not a regular file")
+    if info.st_nlink > 1:
+        raise ModelLoadError(f"{path}: files with more than one hard link are refused")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ModelLoadError(f"{path}: {info.st_size} bytes, limit {MAX_FILE_BYTES}")
+    return path.read_bytes()
+
+
+def load_version(name: str, folder: Path, providers: list, intra_op_threads: int = 0) -> ModelVersion:
+    if folder.is_symlink():
+        raise ModelLoadError(f"{folder}: symbolic links are refused")
+    card_bytes = _read_file(folder, "model.json", required=False)
+    card = None
+    if card_bytes is not None:
+        try:
+            raw = json.loads(card_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{folder / 'model.json'}: not valid JSON: {error}") from None
+        if isinstance(raw, dict) and raw.get("task"):
+            try:
+                card = ModelCard.model_validate(raw)
+            except ValidationError as error:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+                )
+                raise ModelLoadError(f"{folder / 'model.json'}: {problems}") from None
+    session = OnnxSession(
+        _read_file(folder, "model.onnx"), providers, intra_op_threads, label=str(folder / "model.onnx")
+    )
+    version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
+    if card is not None:
+        _check_card_against_graph(version)
+        tokenizer_bytes = _read_file(folder, card.preprocessing.tokenizer_file)
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(tokenizer_bytes.decode("utf-8"))
+        except Exception as error:  # tokenizers raises a bare Exception for bad files
+            raise ModelLoadError(f"{folder / card.preprocessing.tokenizer_file}: cannot load: {error}") from None
+        version.encoder = TextEncoder(tokenizer, card.preprocessing.max_tokens, card.preprocessing.pad_id)
+    return version
+
+
+def _check_card_against_graph(version: ModelVersion) -> None:
+    card, session = version.card, version.session
+    where = version.path / "model.json"
+    declared = {spec.name: spec.dtype for spec in card.inputs}
+    actual = {info.name: info.dtype for info in session.inputs}
+    if declared != actual:
+        raise ModelLoadError(f"{where}: inputs {declared} do not match the graph's {actual}")
+    outputs = {info.name: info for info in session.outputs}
+    if "logits" not in outputs:
+        raise ModelLoadError(f"{where}: the graph has no 'logits' output (it has {sorted(outputs)})")
+    width = outputs["logits"].shape[-1]
+    if width != -1 and width != len(card.labels):
+        raise ModelLoadError(f"{where}: {len(card.labels)} labels but the graph outputs {width} classes")
+
+
+def load_repository(root: Path, device: str = "auto", intra_op_threads: int = 0) -> dict[str, ModelEntry]:
+    """Load every model under root; failures are recorded per version, never raised."""
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: the model repository folder does not exist")
+    providers = resolve_providers(device)
+    entries: dict[str, ModelEntry] = {}
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        if not MODEL_NAME.match(model_dir.name) or model_dir.is_symlink():
+            log.warning("skipping %s: not a valid model folder name or a symbolic link", model_dir)
+            continue
+        entry = entries[model_dir.name] = ModelEntry(name=model_dir.name)
+        for version_dir in sorted(model_dir.iterdir()):
+            if not version_dir.name.isdigit():
+                continue
+            try:
+                entry.versions[version_dir.name] = load_version(
+                    model_dir.name, version_dir, providers, intra_op_threads
+                )
+            except ModelLoadError as error:
+                entry.failures[version_dir.name] = str(error)
+                log.error("model %s version %s not loaded: %s", model_dir.name, version_dir.name, error)
+        if entry.ready:
+            log.info(
+                "model %s: versions %s on %s", entry.name, ", ".join(entry.version_names()),
+                entry.versions[entry.version_names()[0]].session.provider,
+            )
+    return entries

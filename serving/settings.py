@@ -1,0 +1,26 @@
+"""Server settings: one class, read from RNNSERVE_* environment variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Every server knob; built once at start and passed to constructors."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", frozen=True)
+
+    models: Path = Field(Path("models"), description="Model repository folder, read once at start.")
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 to accept remote clients.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Execution provider: auto takes CUDA when available, else CPU.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: runtime default).")
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
+    grace_period_s: float = Field(10.0, ge=0, description="On SIGTERM, time in-flight work gets to finish.")
+    worker_threads: int = Field(8, gt=0, description="Threads that run preprocessing and inference.")

@@ -1,0 +1,64 @@
+"""The whole path through the command line: quick train -> export -> serve -> examples/classify.py."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RNNSERVE = [sys.executable, "-m", "serving"]
+
+
+def _run(args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT, **kwargs)
+
+
+def _wait_for_port(process: subprocess.Popen, log_path: Path, deadline_s: float = 60) -> int:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())
+        if match:
+            return int(match.group(1))
+        assert process.poll() is None, f"server exited early:\n{log_path.read_text()}"
+        time.sleep(0.2)
+    raise AssertionError(f"server did not start:\n{log_path.read_text()}")
+
+
+def test_train_export_serve_classify(tmp_path):
+    trained = _run([*RNNSERVE, "train", "sentiment", "--quick", "--runs-dir", str(tmp_path / "runs")])
+    assert trained.returncode == 0, trained.stderr
+    run_dir = Path(re.search(r"run: (\S+)", trained.stdout).group(1))
+    assert {"checkpoint.pt", "run.json", "tokenizer.json", "test.jsonl", "learning_curves.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+
+    models = tmp_path / "models"
+    exported = _run([*RNNSERVE, "export", str(run_dir), "--models", str(models)])
+    assert exported.returncode == 0, exported.stderr
+    assert {p.name for p in (models / "sentiment" / "1").iterdir()} == {"model.onnx", "model.json", "tokenizer.json"}
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [*RNNSERVE, "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    try:
+        port = _wait_for_port(server, log_path)
+        classified = _run([sys.executable, "examples/classify.py", "--server", f"127.0.0.1:{port}",
+                           "what a wonderful flight", "my bags were lost again"])
+        assert classified.returncode == 0, classified.stderr
+        lines = classified.stdout.strip().splitlines()
+        assert len(lines) == 2
+        for line, text in zip(lines, ["what a wonderful flight", "my bags were lost again"], strict=True):
+            assert re.match(r"(negative|neutral|positive) +0\.\d{3}  \[negative 0\.\d{3}, neutral 0\.\d{3}, "
+                            r"positive 0\.\d{3}\]  " + re.escape(text), line), line
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+        assert "shutting down" in log_path.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -1,0 +1,1 @@
+"""Training package: data loaders, LSTM/GRU classifiers, the training loop and ONNX export."""

@@ -1,0 +1,110 @@
+"""`rnnserve train` and `rnnserve export` (also `python -m training`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    from training.config import TrainConfig
+    from training.tasks import TASKS
+
+    train = subparsers.add_parser("train", help="train a bundled task's model on its data")
+    train.add_argument("task", choices=sorted(TASKS))
+    train.add_argument("--quick", action="store_true", help="a small, seconds-long run (smoke tests)")
+    train.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default runs/)")
+    train.add_argument("--cell", choices=["lstm", "gru"], help="recurrent cell (default: the task's)")
+    train.add_argument("--hidden-size", type=int)
+    train.add_argument("--embedding-dim", type=int)
+    train.add_argument("--num-layers", type=int)
+    train.add_argument("--pooling", choices=["last", "mean", "max"])
+    train.add_argument("--dropout", type=float)
+    for config_field in fields(TrainConfig):
+        train.add_argument(f"--{config_field.name.replace('_', '-')}", type=type(config_field.default))
+    train.add_argument("--export-to", type=Path, metavar="MODELS_DIR",
+                       help="export the run into this model repository when training ends")
+    train.set_defaults(handler=_train)
+
+    export = subparsers.add_parser("export", help="export a training run to a model repository version")
+    export.add_argument("run", type=Path, nargs="?",
+                        help="run folder (default: the newest under runs/<name>/)")
+    export.add_argument("--name", default="sentiment", help="model name (default sentiment)")
+    export.add_argument("--models", type=Path, default=Path("models"), help="model repository (default models/)")
+    export.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    export.set_defaults(handler=_export)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, quick
+    from training.tasks import TASKS
+    from training.train import train_text_classifier
+
+    spec = TASKS[args.task]
+    config = quick(spec.train) if args.quick else spec.train
+    config = replace(config, **{
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None
+    })
+    model = dict(spec.model, **(spec.quick_model if args.quick else {}))
+    for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout"):
+        if getattr(args, name) is not None:
+            model[name] = getattr(args, name)
+    print(f"loading {spec.name} data ...", flush=True)
+    dataset = spec.load()
+    run_dir = train_text_classifier(
+        task=spec.name, description=spec.description, dataset=dataset, model_overrides=model,
+        config=config, runs_dir=args.runs_dir, command="rnnserve " + shlex.join(sys.argv[1:]),
+        progress=sys.stderr.isatty(),
+    )
+    _print_run(run_dir)
+    if args.export_to:
+        return _export_run(run_dir, args.task, args.export_to, "dynamo")
+    return 0
+
+
+def _print_run(run_dir: Path) -> None:
+    import json
+
+    run = json.loads((run_dir / "run.json").read_text())
+    metrics, baseline = run["metrics"], run["baseline"]
+    print(f"run: {run_dir}")
+    print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+          f"(baseline {baseline['accuracy']:.4f} / {baseline['macro_f1']:.4f}) "
+          f"in {run['training_seconds']:.0f} s")
+
+
+def _export(args: argparse.Namespace) -> int:
+    run_dir = args.run
+    if run_dir is None:
+        candidates = sorted((args.runs_dir / args.name).glob("*/run.json"))
+        if not candidates:
+            print(f"error: no training run under {args.runs_dir / args.name}; "
+                  f"run `rnnserve train {args.name}` first", file=sys.stderr)
+            return 2
+        run_dir = candidates[-1].parent
+    return _export_run(run_dir, args.name, args.models, args.exporter)
+
+
+def _export_run(run_dir: Path, name: str, models_dir: Path, exporter: str) -> int:
+    from training.export import ExportError, export_run
+
+    try:
+        version_dir = export_run(run_dir, models_dir, name=name, exporter=exporter)
+    except ExportError as error:
+        print(f"error: export failed: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {run_dir} -> {version_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.handler(args)

@@ -1,0 +1,36 @@
+"""Labelled text examples with a content digest, the unit every loader returns."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    source: str
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> TextDataset:
+        return TextDataset(
+            texts=[self.texts[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            label_names=self.label_names,
+            source=self.source,
+        )
+
+    def digest(self) -> str:
+        """sha256 over labels and texts in order: identifies exactly the data a model saw."""
+        h = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels, strict=True):
+            h.update(f"{label}\t{text}\n".encode())
+        return "sha256:" + h.hexdigest()

@@ -1,0 +1,176 @@
+"""Export a training run to a model repository version: ONNX graph, tokenizer and card.
+
+The version folder is assembled under a temporary name and renamed into place,
+so a reader never sees half a version and an existing version is never touched.
+Export fails when ONNX Runtime and PyTorch disagree on the held-out examples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from serving.card import ExportInfo, Limits, ModelCard, TensorSpec, TextPreprocessing
+from serving.text import TextEncoder
+from training.models.classifier import ClassifierConfig, RNNClassifier
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_TOLERANCE = 1e-4
+PARITY_EXAMPLES = 1024
+INPUTS = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "time"]),
+          TensorSpec(name="lengths", dtype="int64", shape=["batch"])]
+
+
+class ExportError(Exception):
+    """The exported graph is not what the trained model computes, or cannot be written."""
+
+
+def load_run(run_dir: Path) -> tuple[dict, RNNClassifier]:
+    run = json.loads((run_dir / "run.json").read_text())
+    model = RNNClassifier(ClassifierConfig(**run["model_config"]))
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    return run, model.eval()
+
+
+def export_onnx(model: RNNClassifier, path: Path, exporter: str = "dynamo") -> int:
+    """Write the batch graph with dynamic batch and time axes; returns the opset used."""
+    # The exporters warn about tracing details that the parity check below settles for real.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _export_onnx(model, path, exporter)
+
+
+def _export_onnx(model: RNNClassifier, path: Path, exporter: str) -> int:
+    example = (torch.ones(2, 5, dtype=torch.int64), torch.tensor([5, 3], dtype=torch.int64))
+    names = {"input_names": ["input_ids", "lengths"], "output_names": ["logits"]}
+    if exporter == "dynamo":
+        batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+        program = torch.onnx.export(
+            model, example, dynamo=True, opset_version=OPSET, verbose=False, external_data=False,
+            dynamic_shapes={"input_ids": {0: batch, 1: time}, "lengths": {0: batch}}, **names,
+        )
+        program.save(str(path), external_data=False)
+        return OPSET
+    torch.onnx.export(
+        model, example, str(path), dynamo=False, opset_version=17,
+        dynamic_axes={"input_ids": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}},
+        **names,
+    )
+    return 17
+
+
+def check_graph(path: Path, cell: str) -> None:
+    """The graph is valid ONNX and runs the native recurrent operator, not an unrolled loop."""
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    op_type = cell.upper()
+    recurrent = [node for node in graph.node if node.op_type == op_type]
+    if not recurrent:
+        raise ExportError(f"the graph has no native {op_type} operator")
+    if any(node.op_type in ("Loop", "Scan") for node in graph.node):
+        raise ExportError("the graph unrolls the recurrence into Loop/Scan")
+    for node in recurrent:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if op_type == "GRU" and attributes.get("linear_before_reset") != 1:
+            raise ExportError("GRU must have linear_before_reset=1 to match PyTorch")
+    if [i.name for i in graph.input] != ["input_ids", "lengths"] or [o.name for o in graph.output] != ["logits"]:
+        raise ExportError("graph inputs/outputs must be input_ids, lengths -> logits")
+
+
+def check_parity(model: RNNClassifier, path: Path, encoder: TextEncoder, texts: list[str]) -> float:
+    """Max |logits(ONNX Runtime) - logits(PyTorch)| over padded batches of real texts and one single row."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    token_ids = encoder.token_ids(texts)
+    batches = [token_ids[i : i + 64] for i in range(0, len(token_ids), 64)] + [token_ids[:1]]
+    worst = 0.0
+    for batch in batches:
+        input_ids, lengths = encoder.pad(batch)
+        (onnx_logits,) = session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})
+        with torch.no_grad():
+            torch_logits = model(torch.from_numpy(input_ids), torch.from_numpy(lengths)).numpy()
+        worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+        if not np.array_equal(onnx_logits.argmax(1), torch_logits.argmax(1)):
+            raise ExportError("ONNX Runtime and PyTorch predict different labels")
+    if worst > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (limit {PARITY_TOLERANCE:.0e})")
+    return worst
+
+
+def next_version(model_dir: Path) -> int:
+    if not model_dir.exists():
+        return 1
+    return max((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=0) + 1
+
+
+def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dynamo") -> Path:
+    """Export run_dir as the next version of `name` in models_dir; returns the version folder."""
+    run, model = load_run(run_dir)
+    config = ClassifierConfig(**run["model_config"])
+    if config.bidirectional:
+        raise ExportError("bidirectional text models are not exported yet; train with a unidirectional cell")
+    max_tokens = run["train_config"]["max_tokens"]
+    encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)
+    with open(run_dir / "test.jsonl") as handle:
+        texts = [json.loads(line)["text"] for line in itertools.islice(handle, PARITY_EXAMPLES)]
+
+    model_dir = models_dir / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    try:
+        opset = export_onnx(model, staging / "model.onnx", exporter)
+        check_graph(staging / "model.onnx", config.cell)
+        worst = check_parity(model, staging / "model.onnx", encoder, texts)
+        shutil.copy(run_dir / "tokenizer.json", staging / "tokenizer.json")
+        card = ModelCard(
+            name=name,
+            task="text_classification",
+            description=run["description"],
+            labels=run["labels"],
+            architecture={key: value for key, value in config.to_dict().items()},
+            inputs=INPUTS,
+            outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", len(run["labels"])])],
+            preprocessing=TextPreprocessing(max_tokens=max_tokens, pad_id=config.pad_id),
+            limits=Limits(),
+            metrics=run["metrics"],
+            baseline=run["baseline"],
+            baseline_method=run["baseline_method"],
+            data=run["data"],
+            training_command=run["training_command"],
+            training_seconds=run["training_seconds"],
+            git_revision=run["git_revision"],
+            export=ExportInfo(
+                exporter=exporter, opset=opset, torch_version=torch.__version__,
+                onnxruntime_version=onnxruntime.__version__, parity_max_abs_diff=float(f"{worst:.3g}"),
+                parity_examples=len(texts), parity_labels_identical=True,
+            ),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        (staging / "model.json").write_text(card.model_dump_json(indent=2) + "\n")
+        os.chmod(staging, 0o755)
+        while True:
+            version_dir = model_dir / str(next_version(model_dir))
+            try:
+                os.rename(staging, version_dir)
+                break
+            except OSError:
+                if not version_dir.exists():
+                    raise
+        log.info("exported %s as %s (parity %.2e)", run_dir, version_dir, worst)
+        return version_dir
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
