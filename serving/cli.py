@@ -38,14 +38,21 @@ def _serve(args: argparse.Namespace) -> int:
         for key, value in {"models": args.models, "host": args.host, "port": args.port, "device": args.device}.items()
         if value is not None
     }
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(ServerSettings(**overrides))
+
+
+def configure_logging(level: str | int, fmt: str) -> None:
+    logging.basicConfig(level=level, format=fmt)
+    # The ONNX graph optimiser reports every rewrite at INFO.
+    for noisy in ("onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "serve":
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        configure_logging(logging.INFO, "%(message)s")
     return args.handler(args)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from dataclasses import fields, replace
@@ -103,8 +102,10 @@ def _export_run(run_dir: Path, name: str, models_dir: Path, exporter: str) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serving.cli import configure_logging
+
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging("INFO", "%(message)s")
     return args.handler(args)

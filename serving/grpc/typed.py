@@ -9,6 +9,7 @@ import grpc
 from serving.dataplane import DataPlane
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
+from serving.grpc.handlers import add_servicer
 from serving.grpc.status import run_call
 from serving.repository import ModelEntry
 
@@ -87,8 +88,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         )
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["RnnServe"]
+SERVICE_NAME = SERVICE.full_name
+
+
 def add_to_server(servicer: RnnServeServicer, server: grpc.aio.Server) -> None:
-    rnnserve_pb2_grpc.add_RnnServeServicer_to_server(servicer, server)
-
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
+    add_servicer(server, SERVICE, servicer)

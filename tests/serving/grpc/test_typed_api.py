@@ -94,6 +94,17 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, requ
     assert client.classify("sentiment", ["still serving?"])[0].label
 
 
+def test_invalid_utf8_on_the_wire_is_invalid_argument(server, client):
+    """A string field holding invalid UTF-8 cannot be decoded: INVALID_ARGUMENT, never UNKNOWN."""
+    with grpc.insecure_channel(server.target) as channel:
+        classify = channel.unary_unary("/rnnserve.v1.RnnServe/Classify")
+        with pytest.raises(grpc.RpcError) as raised:
+            classify(b"\x0a\x03\xff\xfe\xfd\x1a\x02hi", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rnnserve.v1.ClassifyRequest" in raised.value.details()
+    assert client.classify("sentiment", ["still serving?"])[0].label
+
+
 def test_get_unknown_model_is_not_found(client):
     with pytest.raises(grpc.RpcError) as raised:
         client.get_model("nope")
@@ -117,3 +128,12 @@ def test_reflection_lists_services(server):
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"rnnserve.v1.RnnServe", "grpc.health.v1.Health"} <= names
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(model_repository):
+    settings = ServerSettings(models=model_repository, port=0, max_message_bytes=2048)
+    with BackgroundServer(settings) as small, RnnServeClient(small.target) as client:
+        with pytest.raises(grpc.RpcError) as raised:
+            client.classify("sentiment", ["a fine day"] * 300)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert client.classify("sentiment", ["a fine day"])[0].label
