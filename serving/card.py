@@ -52,7 +52,7 @@ class DataInfo(_Strict):
     source: str
     digest: str
     examples: int
-    split: dict[str, int | float | list[float]] = Field(
+    split: dict[str, int | float | str | list[float]] = Field(
         description="split method, seed, fractions and part sizes"
     )
 

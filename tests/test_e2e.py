@@ -62,3 +62,35 @@ def test_train_export_serve_classify(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_train_on_own_csv_and_serve_it(tmp_path):
+    """`rnnserve train --data my.csv --name reviews --export-to DIR`, then the repository serves it."""
+    import random
+
+    from serving.dataplane import DataPlane
+    from serving.repository import load_repository
+
+    rng = random.Random(0)
+    good, bad = ["great", "lovely", "superb", "fine"], ["awful", "broken", "late", "rude"]
+    rows = ["text,label"]
+    for _ in range(1500):
+        label = rng.choice(["good", "bad"])
+        words = rng.sample(good if label == "good" else bad, 2) + rng.sample(["the", "a", "service", "food"], 2)
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{label}")
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    models = tmp_path / "models"
+    trained = _run([*RNNSERVE, "train", "--data", str(tmp_path / "reviews.csv"), "--quick", "--epochs", "5",
+                    "--runs-dir", str(tmp_path / "runs"), "--export-to", str(models)])
+    assert trained.returncode == 0, trained.stderr
+    model, predictions = DataPlane(load_repository(models, device="cpu")).classify_texts(
+        "reviews", "", ["the food superb lovely", "rude service late"]
+    )
+    assert model.card.labels == ["bad", "good"]
+    assert [p.label for p in predictions] == ["good", "bad"]
+
+
+def test_train_without_task_or_data_is_refused(tmp_path):
+    result = _run([*RNNSERVE, "train"])
+    assert result.returncode == 2 and "name a bundled task or give --data" in result.stderr

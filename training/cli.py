@@ -13,8 +13,17 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     from training.config import TrainConfig
     from training.tasks import TASKS
 
-    train = subparsers.add_parser("train", help="train a bundled task's model on its data")
-    train.add_argument("task", choices=sorted(TASKS))
+    train = subparsers.add_parser(
+        "train", help="train a bundled task's model, or a text classifier on your own data (--data)",
+        description="Train a bundled task (sentiment, topic) on its data, or a text classifier on your own "
+        "CSV/TSV/JSONL file or aclImdb folder with --data PATH --name NAME.",
+    )
+    train.add_argument("task", nargs="?", choices=sorted(TASKS), help="bundled task (omit with --data)")
+    train.add_argument("--data", type=Path, help="your own data: .csv, .tsv, .jsonl or an aclImdb folder")
+    train.add_argument("--name", help="model name for --data runs (default: the file or folder name)")
+    train.add_argument("--text-column", default="text", help="text column/field of --data (default text)")
+    train.add_argument("--label-column", default="label", help="label column/field of --data (default label)")
+    train.add_argument("--labels", help="comma-separated label order for --data (default: sorted)")
     train.add_argument("--quick", action="store_true", help="a small, seconds-long run (smoke tests)")
     train.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default runs/)")
     train.add_argument("--cell", choices=["lstm", "gru"], help="recurrent cell (default: the task's)")
@@ -44,7 +53,10 @@ def _train(args: argparse.Namespace) -> int:
     from training.tasks import TASKS
     from training.train import train_text_classifier
 
-    spec = TASKS[args.task]
+    if (args.task is None) == (args.data is None):
+        print("error: name a bundled task or give --data PATH (one of the two)", file=sys.stderr)
+        return 2
+    spec = TASKS[args.task] if args.task else _custom_task(args)
     config = quick(spec.train) if args.quick else spec.train
     config = replace(config, **{
         f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None
@@ -53,8 +65,14 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout"):
         if getattr(args, name) is not None:
             model[name] = getattr(args, name)
+    from training.data.files import DataFormatError
+
     print(f"loading {spec.name} data ...", flush=True)
-    dataset = spec.load()
+    try:
+        dataset = spec.load()
+    except (DataFormatError, FileNotFoundError, UnicodeDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     run_dir = train_text_classifier(
         task=spec.name, description=spec.description, dataset=dataset, model_overrides=model,
         config=config, runs_dir=args.runs_dir, command="rnnserve " + shlex.join(sys.argv[1:]),
@@ -62,8 +80,25 @@ def _train(args: argparse.Namespace) -> int:
     )
     _print_run(run_dir)
     if args.export_to:
-        return _export_run(run_dir, args.task, args.export_to, "dynamo")
+        return _export_run(run_dir, spec.name, args.export_to, "dynamo")
     return 0
+
+
+def _custom_task(args: argparse.Namespace):
+    from training.data.files import load_aclimdb, load_table
+    from training.tasks import CUSTOM
+
+    path: Path = args.data
+    if path.is_dir():
+        def load():
+            return load_aclimdb(path)
+    else:
+        labels = args.labels.split(",") if args.labels else None
+
+        def load():
+            return load_table(path, args.text_column, args.label_column, labels)
+    name = args.name or path.stem
+    return replace(CUSTOM, name=name, description=f"text classifier trained on {path.name}", load=load)
 
 
 def _print_run(run_dir: Path) -> None:

@@ -26,6 +26,16 @@ def _load_sentiment() -> TextDataset:
     return load_sentiment()
 
 
+def _load_topic() -> TextDataset:
+    from training.data.topic import load_topic
+
+    return load_topic()
+
+
+def _no_data() -> TextDataset:
+    raise FileNotFoundError("custom training needs --data PATH")
+
+
 TASKS: dict[str, TaskSpec] = {
     "sentiment": TaskSpec(
         name="sentiment",
@@ -39,4 +49,27 @@ TASKS: dict[str, TaskSpec] = {
         train=TrainConfig(epochs=6, batch_size=64, learning_rate=3e-3, patience=2, max_tokens=64, vocab_size=8000),
         quick_model={"embedding_dim": 48, "hidden_size": 48},
     ),
+    "topic": TaskSpec(
+        name="topic",
+        description="5-class news topic (business, entertainment, politics, sport, tech) of English "
+        "news articles; GRU over the first 400 tokens",
+        load=_load_topic,
+        model={"cell": "gru", "embedding_dim": 128, "hidden_size": 128, "num_layers": 1,
+               "dropout": 0.3, "pooling": "max"},
+        train=TrainConfig(epochs=15, batch_size=32, learning_rate=3e-3, patience=4, max_tokens=400,
+                          vocab_size=12000),
+        quick_model={"embedding_dim": 32, "hidden_size": 32},
+    ),
 }
+
+
+# Defaults for users' own data (`rnnserve train --data PATH --name NAME`).
+CUSTOM = TaskSpec(
+    name="custom",
+    description="text classifier",
+    load=_no_data,
+    model={"cell": "lstm", "embedding_dim": 128, "hidden_size": 192, "num_layers": 1, "dropout": 0.3,
+           "pooling": "max"},
+    train=TrainConfig(epochs=10, batch_size=64, learning_rate=3e-3, patience=3, max_tokens=256, vocab_size=16000),
+    quick_model={"embedding_dim": 32, "hidden_size": 32},
+)

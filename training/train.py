@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from serving.text import TextEncoder
 from training.baseline import BASELINE_METHOD, tfidf_baseline
 from training.config import TrainConfig
-from training.data import TextDataset, stratified_split
+from training.data import TextDataset, predefined_split, stratified_split
 from training.metrics import evaluation_metrics
 from training.models.classifier import ClassifierConfig, RNNClassifier
 from training.plots import plot_confusion_matrix, plot_learning_curves
@@ -119,7 +119,12 @@ def train_text_classifier(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
-    split = stratified_split(dataset.labels, seed=config.seed)
+    if dataset.parts is not None:
+        split = predefined_split(dataset.parts)
+        method = "predefined"
+    else:
+        split = stratified_split(dataset.labels, seed=config.seed)
+        method = "stratified"
     train_data = dataset.subset(split.train)
     if config.max_train_examples and len(train_data) > config.max_train_examples:
         chosen = np.sort(rng.choice(len(train_data), config.max_train_examples, replace=False))
@@ -225,6 +230,7 @@ def train_text_classifier(
             "digest": dataset.digest(),
             "examples": len(dataset),
             "split": {
+                "method": method,
                 "seed": split.seed,
                 "fractions": list(split.fractions),
                 "train": len(train_data),

@@ -12,10 +12,15 @@ class TextDataset:
     labels: list[int]
     label_names: list[str]
     source: str
+    # A predefined split ("train", "validation" or "test" per example), when the data comes
+    # with one; otherwise training makes a stratified split.
+    parts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.parts is not None and len(self.parts) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.parts)} split parts")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -26,6 +31,7 @@ class TextDataset:
             labels=[self.labels[i] for i in indices],
             label_names=self.label_names,
             source=self.source,
+            parts=[self.parts[i] for i in indices] if self.parts is not None else None,
         )
 
     def digest(self) -> str:

@@ -36,3 +36,19 @@ def stratified_split(
     for part in parts:
         part.sort()
     return Split(train=parts[0], validation=parts[1], test=parts[2], seed=seed, fractions=fractions)
+
+
+def predefined_split(parts: list[str]) -> Split:
+    """The split a data set comes with ("train", "validation", "test" per example)."""
+    unknown = sorted(set(parts) - {"train", "validation", "test"})
+    if unknown:
+        raise ValueError(f"unknown split parts {unknown}")
+    indices = {name: [i for i, part in enumerate(parts) if part == name] for name in ("train", "validation", "test")}
+    missing = [name for name, members in indices.items() if not members]
+    if missing:
+        raise ValueError(f"the predefined split has no {', '.join(missing)} examples")
+    total = len(parts)
+    return Split(
+        train=indices["train"], validation=indices["validation"], test=indices["test"], seed=-1,
+        fractions=tuple(round(len(indices[n]) / total, 4) for n in ("train", "validation", "test")),
+    )

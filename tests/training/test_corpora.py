@@ -35,3 +35,12 @@ def test_stratified_split_is_disjoint_deterministic_and_keeps_class_shares():
         assert collections.Counter(labels[i] for i in part) == {0: 50, 1: 30, 2: 20}
     assert stratified_split(labels, seed=7) == split
     assert stratified_split(labels, seed=8) != split
+
+
+def test_topic_corpus_has_five_topics_with_sport_renamed():
+    from training.data.topic import LABELS, load_topic
+
+    data = load_topic()
+    assert len(data) == 2225 and LABELS == ["business", "entertainment", "politics", "sport", "tech"]
+    assert collections.Counter(data.labels) == {0: 510, 1: 386, 2: 417, 3: 511, 4: 401}
+    assert not any("Â£" in text for text in data.texts)
