@@ -19,10 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from serving.text import TextEncoder
+from training import distributed
 from training.baseline import BASELINE_METHOD, tfidf_baseline
 from training.config import TrainConfig
 from training.data import TextDataset, predefined_split, stratified_split
@@ -67,16 +71,24 @@ def _tensors(encoder: TextEncoder, split: EncodedSplit, index: np.ndarray):
     return torch.from_numpy(input_ids), torch.from_numpy(lengths), torch.from_numpy(split.labels[index])
 
 
-def _evaluate(model, encoder, split: EncodedSplit, batch_size: int) -> tuple[float, np.ndarray]:
+def _evaluate(
+    model, encoder, split: EncodedSplit, batch_size: int, context: distributed.Context
+) -> tuple[float, np.ndarray]:
+    """Mean loss and predictions over the whole split; each rank scores its share of batches."""
     model.eval()
-    predictions = np.empty(len(split.labels), dtype=np.int64)
+    predicted: list[tuple[np.ndarray, np.ndarray]] = []
     total_loss = 0.0
     with torch.no_grad():
-        for index in split.batches(batch_size * 4, rng=None):
+        for index in split.batches(batch_size * 4, rng=None)[context.rank :: context.world_size]:
             input_ids, lengths, labels = _tensors(encoder, split, index)
-            logits = model(input_ids, lengths)
+            logits = model(input_ids.to(context.device), lengths.to(context.device)).cpu()
             total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            predictions[index] = logits.argmax(dim=1).numpy()
+            predicted.append((index, logits.argmax(dim=1).numpy()))
+    predictions = np.empty(len(split.labels), dtype=np.int64)
+    for rank_predictions, _ in distributed.gather_objects(context, (predicted, total_loss)):
+        for index, values in rank_predictions:
+            predictions[index] = values
+    total_loss = sum(loss for _, loss in distributed.gather_objects(context, (None, total_loss)))
     return total_loss / max(len(split.labels), 1), predictions
 
 
@@ -113,9 +125,23 @@ def train_text_classifier(
     runs_dir: Path,
     command: str,
     progress: bool = True,
-) -> Path:
-    """Train, evaluate against the baseline on the same split, and write a run directory."""
+) -> Path | None:
+    """Train, evaluate against the baseline on the same split, and write a run directory.
+
+    Under torchrun every rank trains on its shard of each epoch's batches (DistributedSampler)
+    with DistributedDataParallel; losses and metrics are reduced across ranks and only rank 0
+    writes the run directory (the other ranks return None).
+    """
     started = time.perf_counter()
+    context = distributed.setup()
+    try:
+        return _train(task, description, dataset, model_overrides, config, runs_dir, command,
+                      progress and context.is_main, context, started)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(task, description, dataset, model_overrides, config, runs_dir, command, progress, context, started):
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
@@ -131,20 +157,24 @@ def train_text_classifier(
         train_data = train_data.subset(chosen.tolist())
     validation_data, test_data = dataset.subset(split.validation), dataset.subset(split.test)
 
-    tokenizer = train_tokenizer(train_data.texts, vocab_size=config.vocab_size)
+    # One tokenizer for all ranks: rank 0 trains it, the others receive it.
+    tokenizer_json = train_tokenizer(train_data.texts, config.vocab_size).to_str() if context.is_main else None
+    tokenizer = Tokenizer.from_str(distributed.broadcast_object(context, tokenizer_json))
     encoder = TextEncoder(tokenizer, max_tokens=config.max_tokens, pad_id=PAD_ID)
     train_split, train_data = _encode(encoder, train_data)
     validation_split, validation_data = _encode(encoder, validation_data)
     test_split, test_data = _encode(encoder, test_data)
-    log.info("train %d, validation %d, test %d examples", len(train_data), len(validation_data), len(test_data))
+    if context.is_main:
+        log.info("train %d, validation %d, test %d examples", len(train_data), len(validation_data), len(test_data))
 
     model_config = ClassifierConfig(
         vocab_size=tokenizer.get_vocab_size(), num_classes=len(dataset.label_names), pad_id=PAD_ID,
         **model_overrides,
     )
-    model = RNNClassifier(model_config)
+    model = RNNClassifier(model_config).to(context.device)
+    trained = DistributedDataParallel(model) if context.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size / context.world_size)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = max(1, int(total_steps * config.warmup_fraction))
 
@@ -160,13 +190,21 @@ def train_text_classifier(
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses, norms, clipped = [], [], 0
+        batches = train_split.batches(config.batch_size, rng)
+        # Every rank builds the same batch list (same seed); the sampler hands each rank its
+        # share, padded to equal counts so the ranks step in lockstep.
+        sampler = DistributedSampler(
+            range(len(batches)), num_replicas=context.world_size, rank=context.rank, shuffle=True,
+            seed=config.seed,
+        )
+        sampler.set_epoch(epoch)
         bar = tqdm(
-            train_split.batches(config.batch_size, rng), desc=f"{task} epoch {epoch}/{config.epochs}",
+            [batches[i] for i in sampler], desc=f"{task} epoch {epoch}/{config.epochs}",
             disable=not progress, leave=False, unit="batch",
         )
         for index in bar:
-            input_ids, lengths, labels = _tensors(encoder, train_split, index)
-            loss = nn.functional.cross_entropy(model(input_ids, lengths), labels)
+            input_ids, lengths, labels = (t.to(context.device) for t in _tensors(encoder, train_split, index))
+            loss = nn.functional.cross_entropy(trained(input_ids, lengths), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(_gradient_norms(model))
@@ -177,11 +215,11 @@ def train_text_classifier(
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        validation_loss, predictions = _evaluate(model, encoder, validation_split, config.batch_size)
+        validation_loss, predictions = _evaluate(model, encoder, validation_split, config.batch_size, context)
         validation = evaluation_metrics("validation", validation_split.labels, predictions, dataset.label_names)
         history.append({
             "epoch": epoch,
-            "train_loss": round(float(np.mean(losses)), 4),
+            "train_loss": round(distributed.mean(context, float(np.mean(losses))), 4),
             "validation_loss": round(validation_loss, 4),
             "validation_accuracy": validation.accuracy,
             "validation_macro_f1": validation.macro_f1,
@@ -189,12 +227,13 @@ def train_text_classifier(
                 module: round(float(np.median([n[module] for n in norms if module in n])), 4)
                 for module in norms[0]
             },
-            "clipped_fraction": round(clipped / max(len(losses), 1), 4),
+            "clipped_fraction": round(distributed.mean(context, clipped / max(len(losses), 1)), 4),
         })
-        log.info(
-            "%s epoch %d: train loss %.3f, validation loss %.3f, accuracy %.3f, macro-F1 %.3f",
-            task, epoch, history[-1]["train_loss"], validation_loss, validation.accuracy, validation.macro_f1,
-        )
+        if context.is_main:
+            log.info(
+                "%s epoch %d: train loss %.3f, validation loss %.3f, accuracy %.3f, macro-F1 %.3f",
+                task, epoch, history[-1]["train_loss"], validation_loss, validation.accuracy, validation.macro_f1,
+            )
         if validation.macro_f1 > best_f1:
             best_f1, best_state, stale_epochs = validation.macro_f1, copy.deepcopy(model.state_dict()), 0
         else:
@@ -203,13 +242,15 @@ def train_text_classifier(
                 break
 
     model.load_state_dict(best_state)
-    _, test_predictions = _evaluate(model, encoder, test_split, config.batch_size)
+    _, test_predictions = _evaluate(model, encoder, test_split, config.batch_size, context)
+    if not context.is_main:
+        return None
     test_metrics = evaluation_metrics("test", test_split.labels, test_predictions, dataset.label_names)
     baseline = tfidf_baseline(train_data, test_data, seed=config.seed)
 
     run_dir = runs_dir / task / datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     run_dir.mkdir(parents=True)
-    torch.save(model.state_dict(), run_dir / "checkpoint.pt")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / "checkpoint.pt")
     tokenizer.save(str(run_dir / "tokenizer.json"))
     with open(run_dir / "test.jsonl", "w") as handle:
         for text, label in zip(test_data.texts, test_data.labels, strict=True):
@@ -240,6 +281,7 @@ def train_text_classifier(
         },
         "training_command": command,
         "training_seconds": round(time.perf_counter() - started, 1),
+        "world_size": context.world_size,
         "git_revision": git_revision(),
         "history": history,
     }

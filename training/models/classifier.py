@@ -59,7 +59,7 @@ class RNNClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """input_ids int64 [B, T], lengths int64 [B] (>= 1) -> logits float32 [B, C]."""
-        outputs, _ = self.rnn(self.embedding(input_ids))
+        outputs, _ = self.rnn(self.dropout(self.embedding(input_ids)))
         return self.head(self.dropout(self.pool(outputs, lengths)))
 
     def pool(self, outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
