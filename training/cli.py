@@ -55,8 +55,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     diagnose.add_argument("--quick", action="store_true", help="short sequences and budgets (seconds)")
     diagnose.add_argument("--output", type=Path, default=Path("runs/diagnose"), help="output folder")
-    diagnose.add_argument("--lengths", help="comma-separated sequence lengths (default 50,100,200)")
-    diagnose.add_argument("--steps", type=int, help="training steps per cell and length (default 600)")
+    diagnose.add_argument("--lengths", help="comma-separated sequence lengths (default 15,30,60)")
+    diagnose.add_argument("--steps", type=int, help="training steps per cell and length (default 400)")
     diagnose.set_defaults(handler=_diagnose)
 
 

@@ -30,10 +30,10 @@ DISTRACTORS = 4
 
 @dataclass(frozen=True)
 class DiagnoseConfig:
-    sequence_lengths: tuple[int, ...] = (50, 100, 200)
-    hidden_size: int = 64
+    sequence_lengths: tuple[int, ...] = (15, 30, 60)
+    hidden_size: int = 32
     batch_size: int = 64
-    train_steps: int = 600
+    train_steps: int = 400
     learning_rate: float = 3e-3
     exploding_length: int = 20
     exploding_steps: int = 300
