@@ -36,8 +36,9 @@ lint: $(VENV)/.installed-dev ## ruff, and fail if the generated protobuf code is
 protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated from protos/
 	$(BIN)/python protos/generate.py
 
-models: $(VENV)/.installed-dev ## retrain the bundled models and export them into models/
+models: $(VENV)/.installed-dev ## retrain the bundled models and export them as new versions in models/
 	$(BIN)/rnnserve train sentiment --export-to models
+	$(BIN)/rnnserve train topic --export-to models
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
