@@ -35,7 +35,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    if tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
-        raise RuntimeError("the padding token must have id 0")
+    # The trainer picks a deterministic set of tokens but numbers them in an order that
+    # changes from run to run; renumber (specials first, then sorted) so that the same data
+    # always gives the same ids, and so the same model.
+    learned = sorted(set(tokenizer.get_vocab()) - {PAD_TOKEN, UNK_TOKEN})
+    vocab = {token: index for index, token in enumerate([PAD_TOKEN, UNK_TOKEN, *learned])}
+    tokenizer.model = models.WordPiece(vocab=vocab, unk_token=UNK_TOKEN)
     return tokenizer
 
