@@ -1,0 +1,93 @@
+"""Log-mel features in numpy, shared by training and serving, exact in any chunking.
+
+Frames are not centred: frame k covers samples [k*hop, k*hop + window). A stream
+therefore yields exactly the frames of the whole signal, whatever the chunk sizes,
+by keeping the samples of the unfinished frame between chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    sample_rate_hz: int = 16000
+    window_samples: int = 400  # 25 ms
+    hop_samples: int = 160  # 10 ms
+    fft_size: int = 512
+    mel_bands: int = 40
+    low_hz: float = 20.0
+    high_hz: float = 7600.0
+    # Added before the logarithm so silence stays finite.
+    log_floor: float = 1e-6
+
+    def frames_for(self, samples: int) -> int:
+        if samples < self.window_samples:
+            return 0
+        return 1 + (samples - self.window_samples) // self.hop_samples
+
+
+def _hz_to_mel(hz):
+    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(mel):
+    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+
+
+class LogMel:
+    """Log-mel filterbank energies [frames, mel_bands] float32 of mono float samples in [-1, 1]."""
+
+    def __init__(self, config: FrontendConfig = FrontendConfig()):
+        if config.window_samples > config.fft_size:
+            raise ValueError("window_samples must not exceed fft_size")
+        self.config = config
+
+    @cached_property
+    def window(self) -> np.ndarray:
+        # Periodic Hann window.
+        n = np.arange(self.config.window_samples)
+        return (0.5 - 0.5 * np.cos(2 * np.pi * n / self.config.window_samples)).astype(np.float32)
+
+    @cached_property
+    def filterbank(self) -> np.ndarray:
+        """Triangular mel filters [fft_size // 2 + 1, mel_bands] (HTK mel scale)."""
+        c = self.config
+        bins = np.fft.rfftfreq(c.fft_size, 1.0 / c.sample_rate_hz)
+        edges = _mel_to_hz(np.linspace(_hz_to_mel(c.low_hz), _hz_to_mel(c.high_hz), c.mel_bands + 2))
+        lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+        rising = (bins[None, :] - lower) / (centre - lower)
+        falling = (upper - bins[None, :]) / (upper - centre)
+        return np.maximum(0.0, np.minimum(rising, falling)).T.astype(np.float32)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        c = self.config
+        samples = np.asarray(samples, dtype=np.float32)
+        count = c.frames_for(len(samples))
+        if count == 0:
+            return np.zeros((0, c.mel_bands), np.float32)
+        starts = np.arange(count) * c.hop_samples
+        frames = samples[starts[:, None] + np.arange(c.window_samples)[None, :]] * self.window
+        power = np.abs(np.fft.rfft(frames, n=c.fft_size, axis=1)).astype(np.float32) ** 2
+        return np.log(power @ self.filterbank + c.log_floor).astype(np.float32)
+
+
+class StreamingLogMel:
+    """Feeds chunks of any size; each push returns the frames completed by that chunk."""
+
+    def __init__(self, frontend: LogMel):
+        self.frontend = frontend
+        self.pending = np.zeros(0, np.float32)
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        c = self.frontend.config
+        buffered = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32)])
+        count = c.frames_for(len(buffered))
+        features = self.frontend(buffered[: (count - 1) * c.hop_samples + c.window_samples] if count else buffered)
+        # Keep what the next frame needs: everything from the next frame's start.
+        self.pending = buffered[count * c.hop_samples :]
+        return features

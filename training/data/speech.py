@@ -1,0 +1,224 @@
+"""A speech-commands data set synthesised offline with espeak-ng.
+
+Speakers are espeak-ng English voices combined with its voice variants
+(`espeak-ng-data/voices/!v`); each clip also varies speaking rate, pitch and
+amplitude, sits at a random offset in a 1 s, 16 kHz window and is mixed with
+coloured noise at a random SNR. The split is by speaker (voice+variant), so test
+speakers are never heard in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import resample_poly
+
+KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+SILENCE, UNKNOWN = "_silence_", "_unknown_"
+LABELS = [*KEYWORDS, SILENCE, UNKNOWN]
+# The Speech Commands auxiliary words, plus digits.
+UNKNOWN_WORDS = [
+    "bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow", "backward",
+    "forward", "follow", "learn", "visual", "zero", "one", "two", "three", "four", "five", "six",
+    "seven", "eight", "nine",
+]
+SAMPLE_RATE_HZ = 16000
+CLIP_SAMPLES = SAMPLE_RATE_HZ
+ESPEAK_RATE_HZ = 22050
+NOISE_COLOURS = ("white", "pink", "brown")
+
+
+class SynthesisError(RuntimeError):
+    """espeak-ng is missing or failed."""
+
+
+@dataclass(frozen=True, order=True)
+class Speaker:
+    voice: str  # an espeak-ng English voice, e.g. en-us
+    variant: str  # an espeak-ng voice variant, e.g. Alex
+
+    @property
+    def name(self) -> str:
+        return f"{self.voice}+{self.variant}"
+
+
+def _espeak() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise SynthesisError("espeak-ng is not installed (Debian: apt-get install espeak-ng)")
+    return path
+
+
+@cache
+def speakers() -> list[Speaker]:
+    """Every English (non-MBROLA) voice with every variant espeak-ng ships, sorted."""
+    listing = subprocess.run([_espeak(), "--voices=en"], capture_output=True, text=True, check=True).stdout
+    voices = sorted({
+        line.split()[4].split("/")[1] for line in listing.splitlines()[1:]
+        if len(line.split()) > 4 and line.split()[4].startswith("gmw/")
+    })
+    variants = subprocess.run([_espeak(), "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    variant_names = sorted({
+        line.split()[4].split("/")[-1] for line in variants.splitlines()[1:] if len(line.split()) > 4
+    })
+    return [Speaker(voice, variant) for voice in voices for variant in variant_names]
+
+
+def split_of(speaker: Speaker, test_fraction: float = 0.15, validation_fraction: float = 0.1) -> str:
+    """train / validation / test by a stable hash of the speaker: clips never decide it."""
+    position = int(hashlib.sha256(speaker.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if position < test_fraction:
+        return "test"
+    if position < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def synthesize(word: str, speaker: Speaker, rate_wpm: int = 160, pitch: int = 50, amplitude: int = 100) -> np.ndarray:
+    """The spoken word as float32 samples in [-1, 1] at 16 kHz, leading/trailing silence trimmed."""
+    result = subprocess.run(
+        [_espeak(), "-v", speaker.name, "-s", str(rate_wpm), "-p", str(pitch), "-a", str(amplitude), "--stdout", word],
+        capture_output=True, check=False, timeout=30,
+    )
+    if result.returncode != 0 or len(result.stdout) <= 44:
+        raise SynthesisError(f"espeak-ng failed for {word!r} with {speaker.name}: {result.stderr.decode()[:200]}")
+    # espeak-ng writes a streaming WAV header (its sizes are placeholders): the PCM starts at byte 44.
+    pcm = np.frombuffer(result.stdout[44 : 44 + (len(result.stdout) - 44) // 2 * 2], dtype="<i2")
+    ratio = Fraction(SAMPLE_RATE_HZ, ESPEAK_RATE_HZ)
+    samples = resample_poly(pcm.astype(np.float32) / 32768.0, ratio.numerator, ratio.denominator)
+    loud = np.flatnonzero(np.abs(samples) > 0.01)
+    return samples[loud[0] : loud[-1] + 1].astype(np.float32) if loud.size else samples.astype(np.float32)
+
+
+def coloured_noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:
+    """Unit-RMS white, pink (1/f power) or brown (1/f^2 power) noise."""
+    spectrum = np.fft.rfft(rng.standard_normal(samples))
+    frequencies = np.maximum(np.fft.rfftfreq(samples), 1.0 / samples)
+    exponent = {"white": 0.0, "pink": 0.5, "brown": 1.0}[colour]
+    noise = np.fft.irfft(spectrum / frequencies**exponent, n=samples)
+    return (noise / (np.sqrt(np.mean(noise**2)) + 1e-12)).astype(np.float32)
+
+
+def place_in_clip(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The word at a random offset in a 1 s clip (cut to fit when longer)."""
+    speech = speech[:CLIP_SAMPLES]
+    clip = np.zeros(CLIP_SAMPLES, np.float32)
+    offset = int(rng.integers(0, CLIP_SAMPLES - len(speech) + 1))
+    clip[offset : offset + len(speech)] = speech
+    return clip
+
+
+def mix_at_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    signal_power = float(np.mean(signal**2)) + 1e-12
+    noise_power = float(np.mean(noise**2)) + 1e-12
+    mixed = signal + noise * np.sqrt(signal_power / (noise_power * 10 ** (snr_db / 10)))
+    peak = float(np.max(np.abs(mixed)))
+    return (mixed / peak * 0.95 if peak > 0.95 else mixed).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    # Clips per keyword per speaker; unknown words and silence get as many clips per speaker
+    # as one keyword does, spread over their words and noise colours.
+    clips_per_keyword: int = 1
+    rate_wpm: tuple[int, int] = (120, 220)
+    pitch: tuple[int, int] = (20, 80)
+    amplitude: tuple[int, int] = (60, 140)
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    silence_level_db: tuple[float, float] = (-60.0, -15.0)
+    seed: int = 13
+
+
+def _clip_plan(speaker: Speaker, config: GenerationConfig) -> list[dict]:
+    """What to render for one speaker: every keyword, unknown words, silence."""
+    rng = np.random.default_rng([config.seed, int(hashlib.sha256(speaker.name.encode()).hexdigest()[:8], 16)])
+    plan = []
+    for _ in range(config.clips_per_keyword):
+        words = [*KEYWORDS, *rng.choice(UNKNOWN_WORDS, size=1), SILENCE]
+        for word in words:
+            plan.append({
+                "word": word,
+                "label": word if word in KEYWORDS or word == SILENCE else UNKNOWN,
+                "rate_wpm": int(rng.integers(*config.rate_wpm, endpoint=True)),
+                "pitch": int(rng.integers(*config.pitch, endpoint=True)),
+                "amplitude": int(rng.integers(*config.amplitude, endpoint=True)),
+                "snr_db": round(float(rng.uniform(*config.snr_db)), 1),
+                "noise": str(rng.choice(NOISE_COLOURS)),
+                "level_db": round(float(rng.uniform(*config.silence_level_db)), 1),
+                "seed": int(rng.integers(2**31)),
+            })
+    return plan
+
+
+def render_speaker(speaker: Speaker, config: GenerationConfig) -> tuple[list[dict], np.ndarray]:
+    """Manifest rows and int16 clips [n, 16000] for one speaker."""
+    rows, clips = [], []
+    for item in _clip_plan(speaker, config):
+        rng = np.random.default_rng(item["seed"])
+        noise = coloured_noise(CLIP_SAMPLES, item["noise"], rng)
+        if item["word"] == SILENCE:
+            clip = noise * np.float32(10 ** (item["level_db"] / 20))
+        else:
+            speech = synthesize(item["word"], speaker, item["rate_wpm"], item["pitch"], item["amplitude"])
+            clip = mix_at_snr(place_in_clip(speech, rng), noise, item["snr_db"])
+        clips.append(np.clip(np.round(clip * 32767), -32768, 32767).astype(np.int16))
+        rows.append({**item, "voice": speaker.voice, "variant": speaker.variant, "split": split_of(speaker)})
+    return rows, np.stack(clips)
+
+
+def espeak_version() -> str:
+    return subprocess.run([_espeak(), "--version"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def generate_dataset(
+    cache_dir: Path, config: GenerationConfig = GenerationConfig(), speaker_limit: int = 0,
+    workers: int = 2, progress: bool = False,
+) -> Path:
+    """Render the data set once into cache_dir/<digest>/ (clips.npy int16 [N, 16000],
+    manifest.jsonl, generation.json) and return that folder; later calls reuse it."""
+    import json
+    import os
+    import tempfile
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    chosen = speakers()
+    if speaker_limit:
+        # Spread a limited set over all voices and variants rather than taking the first ones.
+        chosen = sorted(chosen, key=lambda s: hashlib.sha256(s.name.encode()).hexdigest())[:speaker_limit]
+    description = {"config": config.__dict__, "speakers": [s.name for s in chosen], "espeak": espeak_version()}
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir / digest
+    if (target / "manifest.jsonl").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".speech-", dir=cache_dir))
+    rows, clips = [], []
+    with get_context("spawn").Pool(max(1, workers)) as pool:
+        results = pool.imap(_render, [(speaker, config) for speaker in chosen], chunksize=4)
+        for speaker_rows, speaker_clips in tqdm(results, total=len(chosen), disable=not progress,
+                                                desc="synthesising", unit="speaker"):
+            rows.extend(speaker_rows)
+            clips.append(speaker_clips)
+    np.save(staging / "clips.npy", np.concatenate(clips))
+    with open(staging / "manifest.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    (staging / "generation.json").write_text(json.dumps(description, indent=2))
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process rendered the same data set meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _render(job: tuple[Speaker, GenerationConfig]) -> tuple[list[dict], np.ndarray]:
+    return render_speaker(*job)
