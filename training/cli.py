@@ -31,6 +31,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--embedding-dim", type=int)
     train.add_argument("--num-layers", type=int)
     train.add_argument("--pooling", choices=["last", "mean", "max"])
+    train.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
+                       help="bidirectional RNN (batch only; needs --pooling mean or max)")
     train.add_argument("--dropout", type=float)
     for config_field in fields(TrainConfig):
         train.add_argument(f"--{config_field.name.replace('_', '-')}", type=type(config_field.default))
@@ -74,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
         f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None
     })
     model = dict(spec.model, **(spec.quick_model if args.quick else {}))
-    for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout"):
+    for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional"):
         if getattr(args, name) is not None:
             model[name] = getattr(args, name)
     from training.data.files import DataFormatError

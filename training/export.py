@@ -55,6 +55,34 @@ def export_onnx(model: RNNClassifier, path: Path, exporter: str = "dynamo") -> i
 
 
 def _export_onnx(model: RNNClassifier, path: Path, exporter: str) -> int:
+    model.exporting = True
+    try:
+        opset = _trace(model, path, exporter)
+    finally:
+        model.exporting = False
+    if model.config.bidirectional:
+        wire_sequence_lengths(path)
+    return opset
+
+
+def wire_sequence_lengths(path: Path) -> None:
+    """Feed Cast(lengths, int32) to every recurrent node's sequence_lens input, so the
+    backward direction starts at each sequence's last real step (as packing does in PyTorch)."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    cast = onnx.helper.make_node("Cast", ["lengths"], ["sequence_lens_int32"], to=onnx.TensorProto.INT32,
+                                 name="sequence_lens_cast")
+    recurrent = [node for node in graph.node if node.op_type in ("LSTM", "GRU")]
+    for node in recurrent:
+        inputs = list(node.input) + [""] * max(0, 5 - len(node.input))
+        inputs[4] = "sequence_lens_int32"
+        del node.input[:]
+        node.input.extend(inputs)
+    graph.node.insert(0, cast)
+    onnx.save(model, str(path))
+
+
+def _trace(model: RNNClassifier, path: Path, exporter: str) -> int:
     example = (torch.ones(2, 5, dtype=torch.int64), torch.tensor([5, 3], dtype=torch.int64))
     names = {"input_names": ["input_ids", "lengths"], "output_names": ["logits"]}
     if exporter == "dynamo":
@@ -120,8 +148,6 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
     """Export run_dir as the next version of `name` in models_dir; returns the version folder."""
     run, model = load_run(run_dir)
     config = ClassifierConfig(**run["model_config"])
-    if config.bidirectional:
-        raise ExportError("bidirectional text models are not exported yet; train with a unidirectional cell")
     max_tokens = run["train_config"]["max_tokens"]
     encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)
     with open(run_dir / "test.jsonl") as handle:

@@ -56,10 +56,23 @@ class RNNClassifier(nn.Module):
         directions = 2 if config.bidirectional else 1
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size * directions, config.num_classes)
+        # Set while exporting: packed sequences do not export, so a bidirectional model runs
+        # its RNN unpacked and export wires the ONNX operator's sequence_lens input instead,
+        # which gives the backward direction the same start as packing does.
+        self.exporting = False
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """input_ids int64 [B, T], lengths int64 [B] (>= 1) -> logits float32 [B, C]."""
-        outputs, _ = self.rnn(self.dropout(self.embedding(input_ids)))
+        embedded = self.dropout(self.embedding(input_ids))
+        if self.config.bidirectional and not self.exporting:
+            packed = nn.utils.rnn.pack_padded_sequence(
+                embedded, lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            outputs, _ = nn.utils.rnn.pad_packed_sequence(
+                self.rnn(packed)[0], batch_first=True, total_length=input_ids.shape[1]
+            )
+        else:
+            outputs, _ = self.rnn(embedded)
         return self.head(self.dropout(self.pool(outputs, lengths)))
 
     def pool(self, outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
