@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serving.errors import ModelLoadError
     from serving.grpc.server import serve
     from serving.settings import ServerSettings
 
@@ -39,7 +42,17 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(ServerSettings(**overrides))
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    try:
+        return serve(settings)
+    except (ModelLoadError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def configure_logging(level: str | int, fmt: str) -> None:

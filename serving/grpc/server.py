@@ -47,6 +47,9 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC shares ports by default on Linux: a second server on a busy port would
+        # silently split the traffic instead of failing.
+        ("grpc.so_reuseport", 0),
     ])
     typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
 
@@ -61,7 +64,10 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
         [typed.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc reports a failed bind this way
+        raise OSError(f"cannot bind {address}: {error}") from None
     if port == 0:
         raise OSError(f"cannot bind {address}")
     await server.start()

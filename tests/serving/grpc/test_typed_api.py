@@ -137,3 +137,9 @@ def test_message_over_the_size_limit_is_resource_exhausted(model_repository):
             client.classify("sentiment", ["a fine day"] * 300)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert client.classify("sentiment", ["a fine day"])[0].label
+
+
+def test_a_busy_port_is_an_error_not_a_shared_port(server, model_repository):
+    with pytest.raises(OSError, match="cannot bind"):
+        with BackgroundServer(ServerSettings(models=model_repository, port=server.port)):
+            pass
