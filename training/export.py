@@ -117,6 +117,14 @@ def check_graph(path: Path, cell: str) -> None:
             raise ExportError("GRU must have linear_before_reset=1 to match PyTorch")
     if [i.name for i in graph.input] != ["input_ids", "lengths"] or [o.name for o in graph.output] != ["logits"]:
         raise ExportError("graph inputs/outputs must be input_ids, lengths -> logits")
+    # In one process, a dynamo export that follows another can come out with a fixed time
+    # axis (seen: a unidirectional GRU, then a bidirectional one). The CLI exports once per
+    # process; library callers get this error instead of a model that rejects other lengths.
+    fixed = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim if not d.dim_param]
+    if fixed:
+        raise ExportError(
+            f"input_ids has fixed axes {fixed}; export in a fresh process or with exporter='torchscript'"
+        )
 
 
 def check_parity(model: RNNClassifier, path: Path, encoder: TextEncoder, texts: list[str]) -> float:
