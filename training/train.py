@@ -85,11 +85,11 @@ def _evaluate(
             total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             predicted.append((index, logits.argmax(dim=1).numpy()))
     predictions = np.empty(len(split.labels), dtype=np.int64)
-    for rank_predictions, _ in distributed.gather_objects(context, (predicted, total_loss)):
+    gathered = distributed.gather_objects(context, (predicted, total_loss))
+    for rank_predictions, _ in gathered:
         for index, values in rank_predictions:
             predictions[index] = values
-    total_loss = sum(loss for _, loss in distributed.gather_objects(context, (None, total_loss)))
-    return total_loss / max(len(split.labels), 1), predictions
+    return sum(loss for _, loss in gathered) / max(len(split.labels), 1), predictions
 
 
 def _gradient_norms(model: nn.Module) -> dict[str, float]:
