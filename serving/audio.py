@@ -56,24 +56,39 @@ class LogMel:
     @cached_property
     def filterbank(self) -> np.ndarray:
         """Triangular mel filters [fft_size // 2 + 1, mel_bands] (HTK mel scale)."""
-        c = self.config
-        bins = np.fft.rfftfreq(c.fft_size, 1.0 / c.sample_rate_hz)
-        edges = _mel_to_hz(np.linspace(_hz_to_mel(c.low_hz), _hz_to_mel(c.high_hz), c.mel_bands + 2))
-        lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-        rising = (bins[None, :] - lower) / (centre - lower)
-        falling = (upper - bins[None, :]) / (upper - centre)
-        return np.maximum(0.0, np.minimum(rising, falling)).T.astype(np.float32)
+        return mel_filterbank(self.config)
 
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
+    def power(self, samples: np.ndarray) -> np.ndarray:
+        """Power spectra [..., frames, fft_size // 2 + 1] of samples [..., S] (leading axes kept)."""
         c = self.config
         samples = np.asarray(samples, dtype=np.float32)
-        count = c.frames_for(len(samples))
-        if count == 0:
-            return np.zeros((0, c.mel_bands), np.float32)
+        count = c.frames_for(samples.shape[-1])
         starts = np.arange(count) * c.hop_samples
-        frames = samples[starts[:, None] + np.arange(c.window_samples)[None, :]] * self.window
-        power = np.abs(np.fft.rfft(frames, n=c.fft_size, axis=1)).astype(np.float32) ** 2
-        return np.log(power @ self.filterbank + c.log_floor).astype(np.float32)
+        frames = samples[..., starts[:, None] + np.arange(c.window_samples)[None, :]] * self.window
+        return np.abs(np.fft.rfft(frames, n=c.fft_size, axis=-1)).astype(np.float32) ** 2
+
+    def log_mel(self, power: np.ndarray, filterbank: np.ndarray | None = None) -> np.ndarray:
+        filters = self.filterbank if filterbank is None else filterbank
+        return np.log(power @ filters + self.config.log_floor).astype(np.float32)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        """Features [..., frames, mel_bands] of samples [..., S]; a batch of equal-length clips works too."""
+        samples = np.asarray(samples, dtype=np.float32)
+        if self.config.frames_for(samples.shape[-1]) == 0:
+            return np.zeros((*samples.shape[:-1], 0, self.config.mel_bands), np.float32)
+        return self.log_mel(self.power(samples))
+
+
+def mel_filterbank(config: FrontendConfig, warp: float = 1.0) -> np.ndarray:
+    """Triangular mel filters [fft_size // 2 + 1, mel_bands]; warp != 1 scales the frequency axis
+    (vocal-tract length perturbation, used by training augmentation only)."""
+    c = config
+    bins = np.fft.rfftfreq(c.fft_size, 1.0 / c.sample_rate_hz) * warp
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(c.low_hz), _hz_to_mel(c.high_hz), c.mel_bands + 2))
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bins[None, :] - lower) / (centre - lower)
+    falling = (upper - bins[None, :]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling)).T.astype(np.float32)
 
 
 class StreamingLogMel:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_SCHEMA_VERSION = 1
-TASKS = ("text_classification",)
+TASKS = ("text_classification", "keyword_spotting")
 
 
 class _Strict(BaseModel):
@@ -27,9 +27,30 @@ class TextPreprocessing(_Strict):
     pad_id: int = Field(0, ge=0)
 
 
+class AudioPreprocessing(_Strict):
+    """The log-mel frontend of serving.audio, with the parameters the model was trained with."""
+
+    kind: Literal["log_mel"] = "log_mel"
+    sample_rate_hz: int = Field(gt=0)
+    window_samples: int = Field(gt=0)
+    hop_samples: int = Field(gt=0)
+    fft_size: int = Field(gt=0)
+    mel_bands: int = Field(gt=0)
+    low_hz: float = Field(ge=0)
+    high_hz: float = Field(gt=0)
+    log_floor: float = Field(gt=0)
+    clip_samples: int = Field(gt=0, description="length of the clips the model was trained on")
+
+    def frontend(self):
+        from serving.audio import FrontendConfig
+
+        return FrontendConfig(**self.model_dump(exclude={"kind", "clip_samples"}))
+
+
 class Limits(_Strict):
     max_batch_size: int = Field(256, gt=0, description="most inputs in one request")
     max_text_chars: int = Field(4096, gt=0, description="most characters in one text")
+    max_audio_seconds: float = Field(30.0, gt=0, description="longest audio clip in one request")
 
 
 class ClassMetrics(_Strict):
@@ -70,15 +91,17 @@ class ExportInfo(_Strict):
 class ModelCard(_Strict):
     schema_version: Literal[1] = CARD_SCHEMA_VERSION
     name: str
-    task: Literal["text_classification"]
+    task: Literal["text_classification", "keyword_spotting"]
     description: str = ""
     labels: list[str] = Field(min_length=2)
     architecture: dict[str, int | float | str | bool]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    preprocessing: TextPreprocessing
+    preprocessing: TextPreprocessing | AudioPreprocessing = Field(discriminator="kind")
     limits: Limits = Limits()
     metrics: EvaluationMetrics
+    # Further evaluations, e.g. held-out clips of training voices or streamed test audio.
+    evaluations: dict[str, EvaluationMetrics] = {}
     baseline: EvaluationMetrics | None = None
     baseline_method: str = ""
     data: DataInfo
@@ -92,4 +115,7 @@ class ModelCard(_Strict):
     def _labels_unique(self) -> ModelCard:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        expected = "text" if self.task == "text_classification" else "log_mel"
+        if self.preprocessing.kind != expected:
+            raise ValueError(f"task {self.task} needs preprocessing kind {expected!r}")
         return self

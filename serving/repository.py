@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from serving.audio import LogMel
 from serving.card import ModelCard
 from serving.errors import ModelLoadError
 from serving.runtime import OnnxSession, resolve_providers
@@ -35,6 +36,7 @@ class ModelVersion:
     session: OnnxSession
     card: ModelCard | None = None
     encoder: TextEncoder | None = None
+    frontend: LogMel | None = None
 
     @property
     def task(self) -> str:
@@ -109,6 +111,9 @@ def load_version(name: str, folder: Path, providers: list, intra_op_threads: int
     version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
     if card is not None:
         _check_card_against_graph(version)
+    if card is not None and card.preprocessing.kind == "log_mel":
+        version.frontend = LogMel(card.preprocessing.frontend())
+    elif card is not None:
         tokenizer_bytes = _read_file(folder, card.preprocessing.tokenizer_file)
         try:
             from tokenizers import Tokenizer

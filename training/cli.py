@@ -15,11 +15,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     train = subparsers.add_parser(
         "train", help="train a bundled task's model, or a text classifier on your own data (--data)",
-        description="Train a bundled task (sentiment, topic) on its data, or a text classifier on your own "
-        "CSV/TSV/JSONL file or aclImdb folder with --data PATH --name NAME.",
+        description="Train a bundled task (sentiment, topic, keywords) on its data, or a model on your own "
+        "data with --data PATH --name NAME: a text classifier from a CSV/TSV/JSONL file or an aclImdb "
+        "folder, a keyword spotter from a Google Speech Commands folder.",
     )
     train.add_argument("task", nargs="?", choices=sorted(TASKS), help="bundled task (omit with --data)")
-    train.add_argument("--data", type=Path, help="your own data: .csv, .tsv, .jsonl or an aclImdb folder")
+    train.add_argument("--data", type=Path,
+                       help="your own data: .csv, .tsv, .jsonl, an aclImdb folder or a Speech Commands folder")
     train.add_argument("--name", help="model name for --data runs (default: the file or folder name)")
     train.add_argument("--text-column", default="text", help="text column/field of --data (default text)")
     train.add_argument("--label-column", default="label", help="label column/field of --data (default label)")
@@ -30,7 +32,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--hidden-size", type=int)
     train.add_argument("--embedding-dim", type=int)
     train.add_argument("--num-layers", type=int)
-    train.add_argument("--pooling", choices=["last", "mean", "max"])
+    train.add_argument("--pooling", choices=["last", "mean", "max", "frame_max"])
     train.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
                        help="bidirectional RNN (batch only; needs --pooling mean or max)")
     train.add_argument("--dropout", type=float)
@@ -79,18 +81,23 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional"):
         if getattr(args, name) is not None:
             model[name] = getattr(args, name)
+    if spec.modality == "audio":
+        model.pop("embedding_dim", None)
     from training.data.files import DataFormatError
+    from training.data.speech import SynthesisError
 
     print(f"loading {spec.name} data ...", flush=True)
     try:
-        dataset = spec.load()
-    except (DataFormatError, FileNotFoundError, UnicodeDecodeError) as error:
+        dataset = spec.load(args.quick)
+    except (DataFormatError, FileNotFoundError, UnicodeDecodeError, SynthesisError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir = train_text_classifier(
-        task=spec.name, description=spec.description, dataset=dataset, model_overrides=model,
-        config=config, runs_dir=args.runs_dir, command="rnnserve " + shlex.join(sys.argv[1:]),
-        progress=sys.stderr.isatty(),
+    trainer = train_text_classifier
+    if spec.modality == "audio":
+        from training.keywords import train_keyword_spotter as trainer
+    run_dir = trainer(
+        spec.name, spec.description, dataset, model, config, args.runs_dir,
+        "rnnserve " + shlex.join(sys.argv[1:]), progress=sys.stderr.isatty(),
     )
     if run_dir is None:  # a torchrun worker other than rank 0: rank 0 reports and exports
         return 0
@@ -102,16 +109,22 @@ def _train(args: argparse.Namespace) -> int:
 
 def _custom_task(args: argparse.Namespace):
     from training.data.files import load_aclimdb, load_table
-    from training.tasks import CUSTOM
+    from training.tasks import CUSTOM, CUSTOM_AUDIO
 
     path: Path = args.data
+    if path.is_dir() and (path / "testing_list.txt").is_file():
+        from training.data.speech_commands import load_speech_commands
+
+        return replace(CUSTOM_AUDIO, name=args.name or path.name,
+                       description=f"keyword spotter trained on the Speech Commands folder {path.name}",
+                       load=lambda quick: load_speech_commands(path))
     if path.is_dir():
-        def load():
+        def load(quick):
             return load_aclimdb(path)
     else:
         labels = args.labels.split(",") if args.labels else None
 
-        def load():
+        def load(quick):
             return load_table(path, args.text_column, args.label_column, labels)
     name = args.name or path.stem
     return replace(CUSTOM, name=name, description=f"text classifier trained on {path.name}", load=load)
@@ -145,6 +158,8 @@ def _print_run(run_dir: Path) -> None:
     print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"(baseline {baseline['accuracy']:.4f} / {baseline['macro_f1']:.4f}) "
           f"in {run['training_seconds']:.0f} s")
+    for name, extra in run.get("evaluations", {}).items():
+        print(f"{name}: accuracy {extra['accuracy']:.4f}, macro-F1 {extra['macro_f1']:.4f}")
 
 
 def _export(args: argparse.Namespace) -> int:

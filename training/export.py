@@ -1,4 +1,4 @@
-"""Export a training run to a model repository version: ONNX graph, tokenizer and card.
+"""Export a training run to a model repository version: ONNX graph, tokenizer (text) and card.
 
 The version folder is assembled under a temporary name and renamed into place,
 so a reader never sees half a version and an existing version is never touched.
@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import onnx
 import onnxruntime
 import torch
 
-from serving.card import ExportInfo, Limits, ModelCard, TensorSpec, TextPreprocessing
+from serving.audio import FrontendConfig, LogMel
+from serving.card import AudioPreprocessing, ExportInfo, Limits, ModelCard, TensorSpec, TextPreprocessing
 from serving.text import TextEncoder
 from training.models.classifier import ClassifierConfig, RNNClassifier
 
@@ -31,8 +33,13 @@ log = logging.getLogger(__name__)
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 PARITY_EXAMPLES = 1024
-INPUTS = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "time"]),
-          TensorSpec(name="lengths", dtype="int64", shape=["batch"])]
+
+
+def input_specs(config: ClassifierConfig) -> list[TensorSpec]:
+    """Token ids for text models, log-mel frames for audio ones; lengths for both."""
+    first = (TensorSpec(name="input_ids", dtype="int64", shape=["batch", "time"]) if config.vocab_size
+             else TensorSpec(name="features", dtype="float32", shape=["batch", "time", config.feature_dim]))
+    return [first, TensorSpec(name="lengths", dtype="int64", shape=["batch"])]
 
 
 class ExportError(Exception):
@@ -83,29 +90,33 @@ def wire_sequence_lengths(path: Path) -> None:
 
 
 def _trace(model: RNNClassifier, path: Path, exporter: str) -> int:
-    example = (torch.ones(2, 5, dtype=torch.int64), torch.tensor([5, 3], dtype=torch.int64))
-    names = {"input_names": ["input_ids", "lengths"], "output_names": ["logits"]}
+    config = model.config
+    first = (torch.ones(2, 5, dtype=torch.int64) if config.vocab_size
+             else torch.zeros(2, 5, config.feature_dim, dtype=torch.float32))
+    example = (first, torch.tensor([5, 3], dtype=torch.int64))
+    input_name = input_specs(config)[0].name
+    names = {"input_names": [input_name, "lengths"], "output_names": ["logits"]}
     if exporter == "dynamo":
         batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
         program = torch.onnx.export(
             model, example, dynamo=True, opset_version=OPSET, verbose=False, external_data=False,
-            dynamic_shapes={"input_ids": {0: batch, 1: time}, "lengths": {0: batch}}, **names,
+            dynamic_shapes=({0: batch, 1: time}, {0: batch}), **names,
         )
         program.save(str(path), external_data=False)
         return OPSET
     torch.onnx.export(
         model, example, str(path), dynamo=False, opset_version=17,
-        dynamic_axes={"input_ids": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}},
+        dynamic_axes={input_name: {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}},
         **names,
     )
     return 17
 
 
-def check_graph(path: Path, cell: str) -> None:
+def check_graph(path: Path, config: ClassifierConfig) -> None:
     """The graph is valid ONNX and runs the native recurrent operator, not an unrolled loop."""
     onnx.checker.check_model(str(path), full_check=True)
     graph = onnx.load(str(path)).graph
-    op_type = cell.upper()
+    op_type = config.cell.upper()
     recurrent = [node for node in graph.node if node.op_type == op_type]
     if not recurrent:
         raise ExportError(f"the graph has no native {op_type} operator")
@@ -115,29 +126,51 @@ def check_graph(path: Path, cell: str) -> None:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if op_type == "GRU" and attributes.get("linear_before_reset") != 1:
             raise ExportError("GRU must have linear_before_reset=1 to match PyTorch")
-    if [i.name for i in graph.input] != ["input_ids", "lengths"] or [o.name for o in graph.output] != ["logits"]:
-        raise ExportError("graph inputs/outputs must be input_ids, lengths -> logits")
+    expected = [spec.name for spec in input_specs(config)]
+    if [i.name for i in graph.input] != expected or [o.name for o in graph.output] != ["logits"]:
+        raise ExportError(f"graph inputs/outputs must be {', '.join(expected)} -> logits")
     # In one process, a dynamo export that follows another can come out with a fixed time
     # axis (seen: a unidirectional GRU, then a bidirectional one). The CLI exports once per
     # process; library callers get this error instead of a model that rejects other lengths.
-    fixed = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim if not d.dim_param]
+    fixed = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[:2] if not d.dim_param]
     if fixed:
         raise ExportError(
-            f"input_ids has fixed axes {fixed}; export in a fresh process or with exporter='torchscript'"
+            f"{expected[0]} has fixed axes {fixed}; export in a fresh process or with exporter='torchscript'"
         )
 
 
-def check_parity(model: RNNClassifier, path: Path, encoder: TextEncoder, texts: list[str]) -> float:
-    """Max |logits(ONNX Runtime) - logits(PyTorch)| over padded batches of real texts and one single row."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def text_batches(encoder: TextEncoder, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Padded batches of 64 real texts, and the first text alone."""
     token_ids = encoder.token_ids(texts)
-    batches = [token_ids[i : i + 64] for i in range(0, len(token_ids), 64)] + [token_ids[:1]]
+    return [encoder.pad(batch) for batch in [token_ids[i : i + 64] for i in range(0, len(token_ids), 64)]
+            + [token_ids[:1]]]
+
+
+def audio_batches(frontend: LogMel, clips: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches of 64 clips' features, with a random share cut short (and zero-padded) so that
+    padding is exercised, and the first clip alone."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for start in range(0, len(clips), 64):
+        features = frontend(clips[start : start + 64].astype(np.float32) / 32768.0)
+        lengths = np.where(rng.random(len(features)) < 0.5, rng.integers(1, features.shape[1] + 1, len(features)),
+                           features.shape[1]).astype(np.int64)
+        for row, length in enumerate(lengths):
+            features[row, length:] = 0.0
+        batches.append((features, lengths))
+    first, first_lengths = batches[0]
+    return [*batches, (first[:1, : first_lengths[0]], first_lengths[:1])]
+
+
+def check_parity(model: RNNClassifier, path: Path, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Max |logits(ONNX Runtime) - logits(PyTorch)| over the given (inputs, lengths) batches."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = input_specs(model.config)[0].name
     worst = 0.0
-    for batch in batches:
-        input_ids, lengths = encoder.pad(batch)
-        (onnx_logits,) = session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})
+    for inputs, lengths in batches:
+        (onnx_logits,) = session.run(["logits"], {input_name: inputs, "lengths": lengths})
         with torch.no_grad():
-            torch_logits = model(torch.from_numpy(input_ids), torch.from_numpy(lengths)).numpy()
+            torch_logits = model(torch.from_numpy(inputs), torch.from_numpy(lengths)).numpy()
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         if not np.array_equal(onnx_logits.argmax(1), torch_logits.argmax(1)):
             raise ExportError("ONNX Runtime and PyTorch predict different labels")
@@ -155,31 +188,42 @@ def next_version(model_dir: Path) -> int:
 def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dynamo") -> Path:
     """Export run_dir as the next version of `name` in models_dir; returns the version folder."""
     run, model = load_run(run_dir)
-    config = ClassifierConfig(**run["model_config"])
-    max_tokens = run["train_config"]["max_tokens"]
-    encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)
-    with open(run_dir / "test.jsonl") as handle:
-        texts = [json.loads(line)["text"] for line in itertools.islice(handle, PARITY_EXAMPLES)]
+    config = model.config
+    audio = run.get("modality") == "audio"
+    if audio:
+        frontend_config = FrontendConfig(**run["frontend"])
+        preprocessing = AudioPreprocessing(**asdict(frontend_config), clip_samples=run["clip_samples"])
+        batches = audio_batches(LogMel(frontend_config), np.load(run_dir / "test_clips.npy"))
+    else:
+        max_tokens = run["train_config"]["max_tokens"]
+        encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)
+        with open(run_dir / "test.jsonl") as handle:
+            texts = [json.loads(line)["text"] for line in itertools.islice(handle, PARITY_EXAMPLES)]
+        preprocessing = TextPreprocessing(max_tokens=max_tokens, pad_id=config.pad_id)
+        batches = text_batches(encoder, texts)
 
     model_dir = models_dir / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
     try:
         opset = export_onnx(model, staging / "model.onnx", exporter)
-        check_graph(staging / "model.onnx", config.cell)
-        worst = check_parity(model, staging / "model.onnx", encoder, texts)
-        shutil.copy(run_dir / "tokenizer.json", staging / "tokenizer.json")
+        check_graph(staging / "model.onnx", config)
+        worst = check_parity(model, staging / "model.onnx", batches)
+        if not audio:
+            shutil.copy(run_dir / "tokenizer.json", staging / "tokenizer.json")
         card = ModelCard(
             name=name,
-            task="text_classification",
+            task="keyword_spotting" if audio else "text_classification",
             description=run["description"],
             labels=run["labels"],
-            architecture={key: value for key, value in config.to_dict().items()},
-            inputs=INPUTS,
+            architecture={key: value for key, value in config.to_dict().items()
+                          if key not in (("vocab_size", "embedding_dim", "pad_id") if audio else ("feature_dim",))},
+            inputs=input_specs(config),
             outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", len(run["labels"])])],
-            preprocessing=TextPreprocessing(max_tokens=max_tokens, pad_id=config.pad_id),
+            preprocessing=preprocessing,
             limits=Limits(),
             metrics=run["metrics"],
+            evaluations=run.get("evaluations", {}),
             baseline=run["baseline"],
             baseline_method=run["baseline_method"],
             data=run["data"],
@@ -189,7 +233,7 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
             export=ExportInfo(
                 exporter=exporter, opset=opset, torch_version=torch.__version__,
                 onnxruntime_version=onnxruntime.__version__, parity_max_abs_diff=float(f"{worst:.3g}"),
-                parity_examples=len(texts), parity_labels_identical=True,
+                parity_examples=sum(len(lengths) for _, lengths in batches[:-1]), parity_labels_identical=True,
             ),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )

@@ -40,3 +40,20 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_gradient_norms(history: list[dict], path: Path) -> None:
+    """Median gradient norm per module (before clipping) and the share of clipped steps, per epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure, (norm_axes, clip_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for module in history[0]["gradient_norm_median"]:
+        norm_axes.plot(epochs, [row["gradient_norm_median"].get(module, float("nan")) for row in history],
+                       marker="o", label=module)
+    norm_axes.set(xlabel="epoch", ylabel="median L2 norm (before clipping)", title="Gradient norm per module",
+                  yscale="log")
+    norm_axes.legend()
+    clip_axes.plot(epochs, [row["clipped_fraction"] for row in history], marker="o")
+    clip_axes.set(xlabel="epoch", ylabel="fraction of steps", title="Steps clipped", ylim=(0, 1.05))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

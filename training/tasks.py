@@ -2,37 +2,59 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from training.config import TrainConfig
-from training.data import TextDataset
+from training.data import AudioClips, TextDataset
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     description: str
-    load: Callable[[], TextDataset]
+    # Loads the data; the argument asks for the small data set of --quick runs where the task
+    # has one (generated audio), text tasks ignore it.
+    load: Callable[[bool], TextDataset | AudioClips]
+    modality: str = "text"
     model: dict = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     # Model overrides for --quick runs (a smaller network).
     quick_model: dict = field(default_factory=dict)
 
 
-def _load_sentiment() -> TextDataset:
+def _load_sentiment(quick: bool = False) -> TextDataset:
     from training.data.sentiment import load_sentiment
 
     return load_sentiment()
 
 
-def _load_topic() -> TextDataset:
+def _load_topic(quick: bool = False) -> TextDataset:
     from training.data.topic import load_topic
 
     return load_topic()
 
 
-def _no_data() -> TextDataset:
+def cache_dir() -> Path:
+    """Where generated data sets are kept: $RNNSERVE_CACHE, else ~/.cache/rnnserve."""
+    return Path(os.environ.get("RNNSERVE_CACHE") or Path.home() / ".cache" / "rnnserve")
+
+
+# Speakers synthesised for --quick keyword runs (the full set has every voice x variant).
+QUICK_SPEAKERS = 60
+
+
+def _load_keywords(quick: bool = False) -> AudioClips:
+    from training.data.speech import generate_dataset, load_generated
+
+    folder = generate_dataset(cache_dir() / "speech", speaker_limit=QUICK_SPEAKERS if quick else 0,
+                              workers=os.cpu_count() or 1, progress=True)
+    return load_generated(folder)
+
+
+def _no_data(quick: bool = False) -> TextDataset:
     raise FileNotFoundError("custom training needs --data PATH")
 
 
@@ -62,6 +84,17 @@ TASKS: dict[str, TaskSpec] = {
                           vocab_size=8000),
         quick_model={"embedding_dim": 32, "hidden_size": 32},
     ),
+    "keywords": TaskSpec(
+        name="keywords",
+        description="spoken keyword spotting (yes, no, up, down, left, right, on, off, stop, go, plus "
+        "_silence_ and _unknown_) in 16 kHz audio; unidirectional LSTM over log-mel frames that "
+        "reports after every 10 ms frame, so that it can listen to an endless stream",
+        load=_load_keywords,
+        modality="audio",
+        model={"cell": "lstm", "hidden_size": 128, "num_layers": 2, "dropout": 0.1, "pooling": "frame_max"},
+        train=TrainConfig(epochs=12, batch_size=32, learning_rate=3e-3, patience=4),
+        quick_model={"hidden_size": 32, "num_layers": 1},
+    ),
 }
 
 
@@ -74,4 +107,15 @@ CUSTOM = TaskSpec(
            "pooling": "max"},
     train=TrainConfig(epochs=10, batch_size=64, learning_rate=3e-3, patience=3, max_tokens=256, vocab_size=16000),
     quick_model={"embedding_dim": 32, "hidden_size": 32},
+)
+
+# Defaults for users' own Speech Commands folders (`rnnserve train --data FOLDER`).
+CUSTOM_AUDIO = TaskSpec(
+    name="custom",
+    description="keyword spotter",
+    load=_no_data,
+    modality="audio",
+    model=TASKS["keywords"].model,
+    train=TASKS["keywords"].train,
+    quick_model=TASKS["keywords"].quick_model,
 )

@@ -60,7 +60,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
             limits=pb.Limits(
                 max_batch_size=limits.max_batch_size,
                 max_text_chars=limits.max_text_chars,
-                max_tokens=card.preprocessing.max_tokens if card else 0,
+                max_tokens=getattr(card.preprocessing, "max_tokens", 0) if card else 0,
             ),
             inputs=_tensor_specs(model.session.inputs),
             outputs=_tensor_specs(model.session.outputs),

@@ -1,9 +1,11 @@
-"""Labelled text examples with a content digest, the unit every loader returns."""
+"""Labelled text examples and labelled audio clips, each with a content digest: what loaders return."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -39,4 +41,35 @@ class TextDataset:
         h = hashlib.sha256()
         for text, label in zip(self.texts, self.labels, strict=True):
             h.update(f"{label}\t{text}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class AudioClips:
+    """Labelled 1 s clips: int16 samples [N, 16000], label ids, split part and source per clip.
+
+    Parts are "train", "validation", "test" (unseen speakers where the data knows speakers) and,
+    for generated data, "test_seen" (held-out clips of training speakers).
+    """
+
+    clips: np.ndarray
+    labels: list[int]
+    parts: list[str]
+    sources: list[str]
+    label_names: list[str]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not len(self.clips) == len(self.labels) == len(self.parts) == len(self.sources):
+            raise ValueError("clips, labels, parts and sources differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def digest(self) -> str:
+        """sha256 over labels, parts and samples in order."""
+        h = hashlib.sha256()
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        h.update("\n".join(self.parts).encode())
+        h.update(np.ascontiguousarray(self.clips).tobytes())
         return "sha256:" + h.hexdigest()

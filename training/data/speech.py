@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.signal import resample_poly
+
+if TYPE_CHECKING:
+    from training.data.dataset import AudioClips
 
 KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 SILENCE, UNKNOWN = "_silence_", "_unknown_"
@@ -127,23 +131,32 @@ def mix_at_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarr
 class GenerationConfig:
     # Clips per keyword per speaker; unknown words and silence get as many clips per speaker
     # as one keyword does, spread over their words and noise colours.
-    clips_per_keyword: int = 1
+    clips_per_keyword: int = 2
     rate_wpm: tuple[int, int] = (120, 220)
     pitch: tuple[int, int] = (20, 80)
     amplitude: tuple[int, int] = (60, 140)
     snr_db: tuple[float, float] = (5.0, 30.0)
     silence_level_db: tuple[float, float] = (-60.0, -15.0)
+    # This share of the training speakers records one more round of clips, held out as the
+    # "seen voices" test set (split "test_seen"), to measure the drop from seen to unseen voices.
+    seen_test_fraction: float = 0.2
     seed: int = 13
 
 
 def _clip_plan(speaker: Speaker, config: GenerationConfig) -> list[dict]:
     """What to render for one speaker: every keyword, unknown words, silence."""
     rng = np.random.default_rng([config.seed, int(hashlib.sha256(speaker.name.encode()).hexdigest()[:8], 16)])
+    split = split_of(speaker)
+    rounds = [split] * config.clips_per_keyword
+    seen_position = int(hashlib.sha256(f"seen:{speaker.name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if split == "train" and seen_position < config.seen_test_fraction:
+        rounds.append("test_seen")
     plan = []
-    for _ in range(config.clips_per_keyword):
+    for part in rounds:
         words = [*KEYWORDS, *rng.choice(UNKNOWN_WORDS, size=1), SILENCE]
         for word in words:
             plan.append({
+                "split": part,
                 "word": word,
                 "label": word if word in KEYWORDS or word == SILENCE else UNKNOWN,
                 "rate_wpm": int(rng.integers(*config.rate_wpm, endpoint=True)),
@@ -169,7 +182,7 @@ def render_speaker(speaker: Speaker, config: GenerationConfig) -> tuple[list[dic
             speech = synthesize(item["word"], speaker, item["rate_wpm"], item["pitch"], item["amplitude"])
             clip = mix_at_snr(place_in_clip(speech, rng), noise, item["snr_db"])
         clips.append(np.clip(np.round(clip * 32767), -32768, 32767).astype(np.int16))
-        rows.append({**item, "voice": speaker.voice, "variant": speaker.variant, "split": split_of(speaker)})
+        rows.append({**item, "voice": speaker.voice, "variant": speaker.variant})
     return rows, np.stack(clips)
 
 
@@ -192,8 +205,9 @@ def generate_dataset(
 
     chosen = speakers()
     if speaker_limit:
-        # Spread a limited set over all voices and variants rather than taking the first ones.
-        chosen = sorted(chosen, key=lambda s: hashlib.sha256(s.name.encode()).hexdigest())[:speaker_limit]
+        # Spread a limited set over all voices, variants and splits rather than taking the first
+        # ones (salted: the split hash alone would pick test speakers only).
+        chosen = sorted(chosen, key=lambda s: hashlib.sha256(f"subset:{s.name}".encode()).hexdigest())[:speaker_limit]
     description = {"config": config.__dict__, "speakers": [s.name for s in chosen], "espeak": espeak_version()}
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir / digest
@@ -222,3 +236,20 @@ def generate_dataset(
 
 def _render(job: tuple[Speaker, GenerationConfig]) -> tuple[list[dict], np.ndarray]:
     return render_speaker(*job)
+
+
+def load_generated(folder: Path) -> AudioClips:
+    """A data set written by generate_dataset, split as its manifest says."""
+    import json
+
+    from training.data.dataset import AudioClips
+
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    clips = np.load(folder / "clips.npy", mmap_mode="r")
+    if len(clips) != len(rows):
+        raise ValueError(f"{folder}: {len(clips)} clips but {len(rows)} manifest rows")
+    return AudioClips(
+        clips=np.asarray(clips), labels=[LABELS.index(row["label"]) for row in rows],
+        parts=[row["split"] for row in rows], sources=[f"{row['voice']}+{row['variant']}" for row in rows],
+        label_names=list(LABELS), source=f"espeak-ng speech commands ({folder.name})",
+    )

@@ -10,26 +10,15 @@ the split of their position in each recording (first 80% train, then 10/10).
 from __future__ import annotations
 
 import wave
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from training.data.dataset import AudioClips
 from training.data.files import DataFormatError
 from training.data.speech import CLIP_SAMPLES, KEYWORDS, LABELS, SAMPLE_RATE_HZ, SILENCE, UNKNOWN
 
 BACKGROUND = "_background_noise_"
-
-
-@dataclass(frozen=True)
-class AudioClips:
-    """Labelled 1 s clips: int16 samples [N, 16000], label ids, split part and source per clip."""
-
-    clips: np.ndarray
-    labels: list[int]
-    parts: list[str]
-    sources: list[str]
-    label_names: list[str]
 
 
 def read_wav(path: Path) -> np.ndarray:
@@ -88,4 +77,4 @@ def load_speech_commands(root: Path, silence_per_split: dict[str, int] | None = 
             labels.append(LABELS.index(SILENCE))
             parts.append(part)
             sources.append(f"{BACKGROUND}/{path.name}@{offset}")
-    return AudioClips(np.stack(clips), labels, parts, sources, list(LABELS))
+    return AudioClips(np.stack(clips), labels, parts, sources, list(LABELS), source=f"Speech Commands folder {root}")

@@ -1,4 +1,5 @@
-"""An LSTM or GRU sequence classifier over token ids, padding-invariant by construction."""
+"""An LSTM or GRU sequence classifier over token ids (text) or feature frames (audio),
+padding-invariant by construction."""
 
 from __future__ import annotations
 
@@ -8,45 +9,60 @@ import torch
 from torch import nn
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "frame_max")
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    vocab_size: int
     num_classes: int
+    # Text models embed token ids from a vocabulary; audio models read feature_dim floats per
+    # frame (normalised by per-feature statistics stored in the model). Exactly one is set.
+    vocab_size: int = 0
+    feature_dim: int = 0
     cell: str = "lstm"
     embedding_dim: int = 128
     hidden_size: int = 128
     num_layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.2
-    # "last" reads the output at position length-1; "mean"/"max" pool over the
-    # real (unpadded) positions only, so padding never changes a result.
+    # "last" reads the output at position length-1; "mean"/"max" pool the RNN outputs over the
+    # real (unpadded) positions only, so padding never changes a result; "frame_max" applies the
+    # head to every frame and takes each class's largest logit over the real positions (a
+    # keyword spotter's per-frame scores, pooled over a clip).
     pooling: str = "last"
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        if (self.vocab_size > 0) == (self.feature_dim > 0):
+            raise ValueError("set exactly one of vocab_size (text) and feature_dim (audio)")
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.bidirectional and self.pooling == "last":
-            raise ValueError("pooling='last' needs a unidirectional model; use mean or max")
+        if self.bidirectional and self.pooling in ("last", "frame_max"):
+            raise ValueError(f"pooling={self.pooling!r} needs a unidirectional model; use mean or max")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class RNNClassifier(nn.Module):
-    """Embedding -> LSTM/GRU -> pooling over valid positions -> linear head."""
+    """Embedding (text) or feature normalisation (audio) -> LSTM/GRU -> pooling over valid
+    positions -> linear head."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_id)
+        if config.vocab_size:
+            self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_id)
+            input_size = config.embedding_dim
+        else:
+            # Training statistics of the features, set before training and saved with the weights.
+            self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
+            self.register_buffer("feature_std", torch.ones(config.feature_dim))
+            input_size = config.feature_dim
         self.rnn = CELLS[config.cell](
-            input_size=config.embedding_dim,
+            input_size=input_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             batch_first=True,
@@ -61,27 +77,44 @@ class RNNClassifier(nn.Module):
         # which gives the backward direction the same start as packing does.
         self.exporting = False
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """input_ids int64 [B, T], lengths int64 [B] (>= 1) -> logits float32 [B, C]."""
-        embedded = self.dropout(self.embedding(input_ids))
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, frames: bool = False) -> torch.Tensor:
+        """inputs: token ids int64 [B, T] or features float32 [B, T, F]; lengths int64 [B] (>= 1)
+        -> logits float32 [B, C].
+
+        frames=True (unidirectional models) gives the head's logits after every step instead,
+        [B, T, C]: what a stream would report after each step, whatever the pooling.
+        """
+        if self.config.vocab_size:
+            embedded = self.dropout(self.embedding(inputs))
+        else:
+            embedded = self.dropout((inputs - self.feature_mean) / self.feature_std)
+        if frames:
+            if self.config.bidirectional:
+                raise ValueError("per-step outputs need a unidirectional model")
+            return self.head(self.dropout(self.rnn(embedded)[0]))
+        if self.config.pooling == "frame_max":
+            frame_logits = self.head(self.dropout(self.rnn(embedded)[0]))
+            return self.pool(frame_logits, lengths, "max")
         if self.config.bidirectional and not self.exporting:
             packed = nn.utils.rnn.pack_padded_sequence(
                 embedded, lengths.cpu(), batch_first=True, enforce_sorted=False
             )
             outputs, _ = nn.utils.rnn.pad_packed_sequence(
-                self.rnn(packed)[0], batch_first=True, total_length=input_ids.shape[1]
+                self.rnn(packed)[0], batch_first=True, total_length=inputs.shape[1]
             )
         else:
             outputs, _ = self.rnn(embedded)
-        return self.head(self.dropout(self.pool(outputs, lengths)))
+        return self.head(self.dropout(self.pool(outputs, lengths, self.config.pooling)))
 
-    def pool(self, outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.config.pooling == "last":
+    @staticmethod
+    def pool(outputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+        """[B, T, D] -> [B, D] over the first `lengths` steps of each row."""
+        if pooling == "last":
             index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
             return outputs.gather(1, index).squeeze(1)
         positions = torch.arange(outputs.shape[1], device=outputs.device).unsqueeze(0)
         valid = (positions < lengths.unsqueeze(1)).unsqueeze(-1)
-        if self.config.pooling == "mean":
+        if pooling == "mean":
             total = (outputs * valid).sum(dim=1)
             return total / lengths.clamp(min=1).unsqueeze(1).to(outputs.dtype)
         return outputs.masked_fill(~valid, float("-inf")).amax(dim=1)
