@@ -39,6 +39,7 @@ protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated from protos/
 models: $(VENV)/.installed-dev ## retrain the bundled models and export them as new versions in models/
 	$(BIN)/rnnserve train sentiment --export-to models
 	$(BIN)/rnnserve train topic --export-to models
+	$(BIN)/rnnserve train keywords --export-to models
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -88,6 +88,45 @@ class ExportInfo(_Strict):
     parity_labels_identical: bool
 
 
+class StateSpec(_Strict):
+    """One state tensor of step.onnx, like Triton's implicit state: fed back every step."""
+
+    name: str = Field(description="input name of the state")
+    output: str = Field(description="output name that carries the updated state")
+    dtype: str = "float32"
+    shape: list[int] = Field(description="per stream; the batch axis comes first and is not listed")
+    initial: float = Field(description="every element's value before the first chunk")
+
+
+class StreamingSpec(_Strict):
+    graph: str = "step.onnx"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    state: list[StateSpec]
+    parity_max_abs_diff: float = Field(
+        description="largest difference between chunked and one-shot logits seen at export"
+    )
+    parity_sequences: int
+
+
+class QuantizationInfo(_Strict):
+    """model.int8.onnx measured against model.onnx on the whole test split at export."""
+
+    method: str
+    quantized_ops: list[str]
+    shipped: bool = Field(description="whether model.int8.onnx is in the folder")
+    file: str | None = None
+    examples: int
+    accuracy: float
+    fp32_accuracy: float
+    us_per_example: float = Field(description="wall time per test example, CPU, batches of 64")
+    fp32_us_per_example: float
+    speedup: float
+    size_bytes: int
+    fp32_size_bytes: int
+    note: str = ""
+
+
 class ModelCard(_Strict):
     schema_version: Literal[1] = CARD_SCHEMA_VERSION
     name: str
@@ -98,6 +137,9 @@ class ModelCard(_Strict):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     preprocessing: TextPreprocessing | AudioPreprocessing = Field(discriminator="kind")
+    # Present when the version ships step.onnx (unidirectional models).
+    streaming: StreamingSpec | None = None
+    int8: QuantizationInfo | None = None
     limits: Limits = Limits()
     metrics: EvaluationMetrics
     # Further evaluations, e.g. held-out clips of training voices or streamed test audio.

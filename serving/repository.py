@@ -37,10 +37,16 @@ class ModelVersion:
     card: ModelCard | None = None
     encoder: TextEncoder | None = None
     frontend: LogMel | None = None
+    # step.onnx of a streaming model (card.streaming says what it takes and returns).
+    step_session: OnnxSession | None = None
 
     @property
     def task(self) -> str:
         return self.card.task if self.card else "tensor"
+
+    @property
+    def streaming(self) -> bool:
+        return self.step_session is not None
 
 
 @dataclass
@@ -111,6 +117,12 @@ def load_version(name: str, folder: Path, providers: list, intra_op_threads: int
     version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
     if card is not None:
         _check_card_against_graph(version)
+    if card is not None and card.streaming is not None:
+        step_file = card.streaming.graph
+        version.step_session = OnnxSession(
+            _read_file(folder, step_file), providers, intra_op_threads, label=str(folder / step_file)
+        )
+        _check_step_graph(version)
     if card is not None and card.preprocessing.kind == "log_mel":
         version.frontend = LogMel(card.preprocessing.frontend())
     elif card is not None:
@@ -138,6 +150,22 @@ def _check_card_against_graph(version: ModelVersion) -> None:
     width = outputs["logits"].shape[-1]
     if width != -1 and width != len(card.labels):
         raise ModelLoadError(f"{where}: {len(card.labels)} labels but the graph outputs {width} classes")
+
+
+def _check_step_graph(version: ModelVersion) -> None:
+    spec, session = version.card.streaming, version.step_session
+    where = version.path / "model.json"
+    declared = {t.name: t.dtype for t in spec.inputs}
+    actual = {info.name: info.dtype for info in session.inputs}
+    if declared != actual:
+        raise ModelLoadError(f"{where}: streaming inputs {declared} do not match {spec.graph}'s {actual}")
+    outputs = {info.name for info in session.outputs}
+    missing = [t.name for t in spec.outputs if t.name not in outputs]
+    if missing:
+        raise ModelLoadError(f"{where}: {spec.graph} lacks the declared outputs {missing}")
+    for state in spec.state:
+        if state.name not in actual or state.output not in outputs:
+            raise ModelLoadError(f"{where}: state {state.name} -> {state.output} is not in {spec.graph}")
 
 
 def load_repository(root: Path, device: str = "auto", intra_op_threads: int = 0) -> dict[str, ModelEntry]:

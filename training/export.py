@@ -7,7 +7,6 @@ Export fails when ONNX Runtime and PyTorch disagree on the held-out examples.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -24,9 +23,20 @@ import onnxruntime
 import torch
 
 from serving.audio import FrontendConfig, LogMel
-from serving.card import AudioPreprocessing, ExportInfo, Limits, ModelCard, TensorSpec, TextPreprocessing
+from serving.card import (
+    AudioPreprocessing,
+    ExportInfo,
+    Limits,
+    ModelCard,
+    StateSpec,
+    StreamingSpec,
+    TensorSpec,
+    TextPreprocessing,
+)
 from serving.text import TextEncoder
 from training.models.classifier import ClassifierConfig, RNNClassifier
+from training.quantize import quantize_and_measure
+from training.step import StateTensor, StepModel
 
 log = logging.getLogger(__name__)
 
@@ -112,31 +122,39 @@ def _trace(model: RNNClassifier, path: Path, exporter: str) -> int:
     return 17
 
 
-def check_graph(path: Path, config: ClassifierConfig) -> None:
-    """The graph is valid ONNX and runs the native recurrent operator, not an unrolled loop."""
+def _check_native_recurrence(path: Path, config: ClassifierConfig):
+    """Valid ONNX (checker and shape inference) running the native recurrent operator, not an
+    unrolled loop; GRU with linear_before_reset=1. Returns the graph."""
     onnx.checker.check_model(str(path), full_check=True)
     graph = onnx.load(str(path)).graph
     op_type = config.cell.upper()
     recurrent = [node for node in graph.node if node.op_type == op_type]
     if not recurrent:
-        raise ExportError(f"the graph has no native {op_type} operator")
+        raise ExportError(f"{path.name} has no native {op_type} operator")
     if any(node.op_type in ("Loop", "Scan") for node in graph.node):
-        raise ExportError("the graph unrolls the recurrence into Loop/Scan")
+        raise ExportError(f"{path.name} unrolls the recurrence into Loop/Scan")
     for node in recurrent:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if op_type == "GRU" and attributes.get("linear_before_reset") != 1:
             raise ExportError("GRU must have linear_before_reset=1 to match PyTorch")
-    expected = [spec.name for spec in input_specs(config)]
-    if [i.name for i in graph.input] != expected or [o.name for o in graph.output] != ["logits"]:
-        raise ExportError(f"graph inputs/outputs must be {', '.join(expected)} -> logits")
     # In one process, a dynamo export that follows another can come out with a fixed time
-    # axis (seen: a unidirectional GRU, then a bidirectional one). The CLI exports once per
+    # axis (seen: a unidirectional GRU, then a bidirectional one). The CLI exports in a fresh
     # process; library callers get this error instead of a model that rejects other lengths.
     fixed = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[:2] if not d.dim_param]
     if fixed:
         raise ExportError(
-            f"{expected[0]} has fixed axes {fixed}; export in a fresh process or with exporter='torchscript'"
+            f"{path.name}: {graph.input[0].name} has fixed axes {fixed}; export in a fresh process or "
+            "with exporter='torchscript'"
         )
+    return graph
+
+
+def check_graph(path: Path, config: ClassifierConfig) -> None:
+    """The batch graph passes the checks above and has the contract's inputs and outputs."""
+    graph = _check_native_recurrence(path, config)
+    expected = [spec.name for spec in input_specs(config)]
+    if [i.name for i in graph.input] != expected or [o.name for o in graph.output] != ["logits"]:
+        raise ExportError(f"graph inputs/outputs must be {', '.join(expected)} -> logits")
 
 
 def text_batches(encoder: TextEncoder, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -179,6 +197,117 @@ def check_parity(model: RNNClassifier, path: Path, batches: list[tuple[np.ndarra
     return worst
 
 
+def export_step(model: RNNClassifier, path: Path, exporter: str = "dynamo") -> list[StateTensor]:
+    """Write step.onnx (see training.step) and return its state tensors."""
+    step = StepModel(model)
+    config = model.config
+    first = (torch.ones(2, 5, dtype=torch.int64) if config.vocab_size
+             else torch.zeros(2, 5, config.feature_dim, dtype=torch.float32))
+    example = (first, torch.tensor([5, 3], dtype=torch.int64), *step.initial_state(2))
+    input_name = input_specs(config)[0].name
+    names = {
+        "input_names": [input_name, "lengths", *(s.name for s in step.states)],
+        "output_names": ["logits", "frame_logits", *(s.output for s in step.states)],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+            program = torch.onnx.export(
+                step, example, dynamo=True, opset_version=OPSET, verbose=False, external_data=False,
+                dynamic_shapes=({0: batch, 1: time}, {0: batch}, tuple({0: batch} for _ in step.states)), **names,
+            )
+            program.save(str(path), external_data=False)
+        else:
+            axes = {input_name: {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"},
+                    "frame_logits": {0: "batch", 1: "time"}}
+            axes.update({s.name: {0: "batch"} for s in step.states})
+            axes.update({s.output: {0: "batch"} for s in step.states})
+            torch.onnx.export(step, example, str(path), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
+    # Rows shorter than the chunk stop their state at their own last step.
+    wire_sequence_lengths(path)
+    _check_native_recurrence(path, config)
+    return step.states
+
+
+def _chunk_bounds(length: int, rng: np.random.Generator) -> list[int]:
+    """Random cut points of [0, length): single steps, short and long chunks mixed."""
+    cuts, position = [0], 0
+    while position < length:
+        position = min(length, position + int(rng.choice([1, 2, 3, 7, 16, 40])))
+        cuts.append(position)
+    return cuts
+
+
+def check_chunking(model_path: Path, step_path: Path, batches: list[tuple[np.ndarray, np.ndarray]],
+                   states: list[StateTensor], limit: int = 64, expected_frames: np.ndarray | None = None,
+                   seed: int = 0) -> tuple[float, int]:
+    """Stream up to `limit` real sequences through step.onnx in random chunks, several streams
+    per call with different chunk lengths, and compare the final logits with model.onnx on the
+    whole sequences (and the per-step scores with expected_frames [B, T, C], where given).
+    Returns (max abs difference, sequences checked)."""
+    options = onnxruntime.SessionOptions()
+    batch_session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    step_session = onnxruntime.InferenceSession(str(step_path), options, providers=["CPUExecutionProvider"])
+    input_name = batch_session.get_inputs()[0].name
+    inputs, lengths = batches[0]
+    inputs, lengths = inputs[:limit], lengths[:limit]
+    (expected,) = batch_session.run(["logits"], {input_name: inputs, "lengths": lengths})
+    rng = np.random.default_rng(seed)
+    bounds = [_chunk_bounds(int(n), rng) for n in lengths]
+    frames = np.zeros((len(lengths), inputs.shape[1], expected.shape[1]), np.float32)
+    state = {s.name: np.full((len(lengths), *s.shape), s.initial, np.float32) for s in states}
+    final = np.zeros_like(expected)
+    for call in range(max(len(b) for b in bounds) - 1):
+        rows = [r for r, b in enumerate(bounds) if call + 1 < len(b)]
+        spans = [(bounds[r][call], bounds[r][call + 1]) for r in rows]
+        width = max(end - start for start, end in spans)
+        chunk = np.zeros((len(rows), width, *inputs.shape[2:]), inputs.dtype)
+        for i, (r, (start, end)) in enumerate(zip(rows, spans, strict=True)):
+            chunk[i, : end - start] = inputs[r, start:end]
+        feeds = {input_name: chunk, "lengths": np.array([end - start for start, end in spans], np.int64)}
+        feeds.update({name: value[rows] for name, value in state.items()})
+        outputs = step_session.run(None, feeds)
+        final[rows] = outputs[0]
+        for i, (r, (start, end)) in enumerate(zip(rows, spans, strict=True)):
+            frames[r, start:end] = outputs[1][i, : end - start]
+        for s, value in zip(states, outputs[2:], strict=True):
+            state[s.name][rows] = value
+    worst = float(np.abs(final - expected).max())
+    if expected_frames is not None:
+        for r, n in enumerate(lengths):
+            worst = max(worst, float(np.abs(frames[r, :n] - expected_frames[r, :n]).max()))
+    return worst, len(lengths)
+
+
+def _export_streaming(model: RNNClassifier, folder: Path, batches) -> StreamingSpec:
+    """step.onnx beside model.onnx, proven to match it chunk by chunk on real held-out data."""
+    # The TorchScript exporter: dynamo declares the step graph's time axis with the example's
+    # length (and, after another export in the same process, fixes it).
+    states = export_step(model, folder / "step.onnx", exporter="torchscript")
+    inputs, lengths = batches[0]
+    with torch.no_grad():
+        frames = model(torch.from_numpy(inputs[:64]), torch.from_numpy(lengths[:64]), frames=True).numpy()
+    worst, count = check_chunking(folder / "model.onnx", folder / "step.onnx", batches, states,
+                                  expected_frames=frames)
+    if worst > PARITY_TOLERANCE:
+        raise ExportError(f"step.onnx streamed in chunks differs from model.onnx by {worst:.2e} "
+                          f"(limit {PARITY_TOLERANCE:.0e})")
+    config = model.config
+    first = input_specs(config)[0]
+    classes = config.num_classes
+    return StreamingSpec(
+        inputs=[first, input_specs(config)[1],
+                *(TensorSpec(name=s.name, dtype="float32", shape=["batch", *s.shape]) for s in states)],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", classes]),
+                 TensorSpec(name="frame_logits", dtype="float32", shape=["batch", "time", classes]),
+                 *(TensorSpec(name=s.output, dtype="float32", shape=["batch", *s.shape]) for s in states)],
+        state=[StateSpec(name=s.name, output=s.output, shape=list(s.shape), initial=s.initial) for s in states],
+        parity_max_abs_diff=float(f"{worst:.3g}"),
+        parity_sequences=count,
+    )
+
+
 def next_version(model_dir: Path) -> int:
     if not model_dir.exists():
         return 1
@@ -192,15 +321,23 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
     audio = run.get("modality") == "audio"
     if audio:
         frontend_config = FrontendConfig(**run["frontend"])
+        frontend = LogMel(frontend_config)
         preprocessing = AudioPreprocessing(**asdict(frontend_config), clip_samples=run["clip_samples"])
-        batches = audio_batches(LogMel(frontend_config), np.load(run_dir / "test_clips.npy"))
+        clips, labels = np.load(run_dir / "test_clips.npy"), np.load(run_dir / "test_labels.npy")
+        spread = np.linspace(0, len(clips) - 1, min(PARITY_EXAMPLES, len(clips))).astype(int)
+        batches = audio_batches(frontend, clips[spread])
+        full = [(frontend(clips[i : i + 64].astype(np.float32) / 32768.0),
+                 np.full(len(clips[i : i + 64]), frontend_config.frames_for(clips.shape[1]), np.int64))
+                for i in range(0, len(clips), 64)]
     else:
         max_tokens = run["train_config"]["max_tokens"]
         encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)
         with open(run_dir / "test.jsonl") as handle:
-            texts = [json.loads(line)["text"] for line in itertools.islice(handle, PARITY_EXAMPLES)]
+            rows = [json.loads(line) for line in handle]
         preprocessing = TextPreprocessing(max_tokens=max_tokens, pad_id=config.pad_id)
-        batches = text_batches(encoder, texts)
+        batches = text_batches(encoder, [row["text"] for row in rows[:PARITY_EXAMPLES]])
+        full = text_batches(encoder, [row["text"] for row in rows])[:-1]
+        labels = np.array([run["labels"].index(row["label"]) for row in rows])
 
     model_dir = models_dir / name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +346,10 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
         opset = export_onnx(model, staging / "model.onnx", exporter)
         check_graph(staging / "model.onnx", config)
         worst = check_parity(model, staging / "model.onnx", batches)
+        streaming = None
+        if not config.bidirectional:
+            streaming = _export_streaming(model, staging, batches)
+        int8 = quantize_and_measure(staging / "model.onnx", staging / "model.int8.onnx", full, labels)
         if not audio:
             shutil.copy(run_dir / "tokenizer.json", staging / "tokenizer.json")
         card = ModelCard(
@@ -221,6 +362,8 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
             inputs=input_specs(config),
             outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", len(run["labels"])])],
             preprocessing=preprocessing,
+            streaming=streaming,
+            int8=int8,
             limits=Limits(),
             metrics=run["metrics"],
             evaluations=run.get("evaluations", {}),

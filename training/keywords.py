@@ -13,8 +13,8 @@ training speakers ("test_seen", to measure the drop from seen to unseen voices),
 clips streamed end to end ("test_stream"). Baseline: logistic regression on per-band mean,
 standard deviation and maximum of the log-mel features, on the same split.
 
-A run directory holds checkpoint.pt, run.json, test_clips.npy (held-out clips that export
-uses for its parity check) and PNG plots.
+A run directory holds checkpoint.pt, run.json, test_clips.npy and test_labels.npy (the test
+split, which export uses for its parity checks and to measure int8) and PNG plots.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from training.models.classifier import ClassifierConfig, RNNClassifier
 log = logging.getLogger(__name__)
 
 AUDIO_BASELINE_METHOD = "per-band mean, std and max of log-mel features + logistic regression"
-PARITY_CLIPS = 256
 # 40 log-mel bands every 20 ms over 30 ms windows: half the recurrent steps of a 10 ms hop,
 # which halves training and serving cost, with the time resolution keywords need.
 KEYWORD_FRONTEND = FrontendConfig(window_samples=480, hop_samples=320)
@@ -83,6 +82,8 @@ def to_float(clips: np.ndarray) -> np.ndarray:
 
 
 def _features(frontend: LogMel, clips: np.ndarray, chunk: int = 512) -> np.ndarray:
+    if len(clips) == 0:
+        return frontend(to_float(clips))
     return np.concatenate([frontend(to_float(clips[i : i + chunk])) for i in range(0, len(clips), chunk)])
 
 
@@ -210,8 +211,8 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
 
     run_dir = runs_dir / task / datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     run_dir.mkdir(parents=True)
-    parity = index["test"][np.linspace(0, len(index["test"]) - 1, min(PARITY_CLIPS, len(index["test"]))).astype(int)]
-    np.save(run_dir / "test_clips.npy", data.clips[parity])
+    np.save(run_dir / "test_clips.npy", data.clips[index["test"]])
+    np.save(run_dir / "test_labels.npy", labels[index["test"]])
     test = evaluations.pop("test")
     run = {
         "task": task,

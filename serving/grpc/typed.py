@@ -55,7 +55,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
             versions=entry.version_names(),
             task=model.task,
             labels=card.labels if card else [],
-            streaming=(model.path / "step.onnx").is_file(),
+            streaming=model.streaming,
             execution_provider=model.session.provider,
             limits=pb.Limits(
                 max_batch_size=limits.max_batch_size,

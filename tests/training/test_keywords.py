@@ -117,8 +117,8 @@ def test_quick_keywords_run_trains_evaluates_seen_unseen_and_streamed_and_export
     # The served graph on the server's own features reproduces the exported model's outputs.
     clips = np.load(run_dir / "test_clips.npy")[:8]
     features = version.frontend(clips.astype(np.float32) / 32768.0)
-    (logits,) = version.session.run(["logits"], {"features": features,
-                                                 "lengths": np.full(len(clips), features.shape[1])})
+    (logits,) = version.session.run({"features": features, "lengths": np.full(len(clips), features.shape[1])},
+                                    ["logits"])
     model = RNNClassifier(ClassifierConfig(**run["model_config"]))
     model.load_state_dict(state)
     with torch.no_grad():

@@ -84,10 +84,7 @@ class RNNClassifier(nn.Module):
         frames=True (unidirectional models) gives the head's logits after every step instead,
         [B, T, C]: what a stream would report after each step, whatever the pooling.
         """
-        if self.config.vocab_size:
-            embedded = self.dropout(self.embedding(inputs))
-        else:
-            embedded = self.dropout((inputs - self.feature_mean) / self.feature_std)
+        embedded = self.encode(inputs)
         if frames:
             if self.config.bidirectional:
                 raise ValueError("per-step outputs need a unidirectional model")
@@ -105,6 +102,12 @@ class RNNClassifier(nn.Module):
         else:
             outputs, _ = self.rnn(embedded)
         return self.head(self.dropout(self.pool(outputs, lengths, self.config.pooling)))
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token embeddings or normalised features [B, T, input size], before the RNN."""
+        if self.config.vocab_size:
+            return self.dropout(self.embedding(inputs))
+        return self.dropout((inputs - self.feature_mean) / self.feature_std)
 
     @staticmethod
     def pool(outputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
