@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from serving.audio import LogMel
 from serving.card import ModelCard
 from serving.errors import ModelLoadError
+from serving.onnx_files import self_contained
 from serving.runtime import OnnxSession, resolve_providers
 from serving.text import TextEncoder
 
@@ -75,6 +76,8 @@ class ModelEntry:
 
 def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
     """A regular file inside `folder`: no symlink, no extra hard link, bounded size."""
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise ModelLoadError(f"{folder}: {name!r} is not a plain file name inside the model folder")
     path = folder / name
     try:
         info = os.lstat(path)
@@ -91,6 +94,12 @@ def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
     if info.st_size > MAX_FILE_BYTES:
         raise ModelLoadError(f"{path}: {info.st_size} bytes, limit {MAX_FILE_BYTES}")
     return path.read_bytes()
+
+
+def _session(folder: Path, name: str, providers: list, intra_op_threads: int) -> OnnxSession:
+    label = str(folder / name)
+    model_bytes = self_contained(_read_file(folder, name), folder, label)
+    return OnnxSession(model_bytes, providers, intra_op_threads, label=label)
 
 
 def load_version(name: str, folder: Path, providers: list, intra_op_threads: int = 0) -> ModelVersion:
@@ -111,17 +120,13 @@ def load_version(name: str, folder: Path, providers: list, intra_op_threads: int
                     f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
                 )
                 raise ModelLoadError(f"{folder / 'model.json'}: {problems}") from None
-    session = OnnxSession(
-        _read_file(folder, "model.onnx"), providers, intra_op_threads, label=str(folder / "model.onnx")
-    )
+    session = _session(folder, "model.onnx", providers, intra_op_threads)
     version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
     if card is not None:
         _check_card_against_graph(version)
     if card is not None and card.streaming is not None:
         step_file = card.streaming.graph
-        version.step_session = OnnxSession(
-            _read_file(folder, step_file), providers, intra_op_threads, label=str(folder / step_file)
-        )
+        version.step_session = _session(folder, step_file, providers, intra_op_threads)
         _check_step_graph(version)
     if card is not None and card.preprocessing.kind == "log_mel":
         version.frontend = LogMel(card.preprocessing.frontend())

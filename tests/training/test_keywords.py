@@ -114,6 +114,14 @@ def test_quick_keywords_run_trains_evaluates_seen_unseen_and_streamed_and_export
     version = entry.versions["1"]
     assert version.task == "keyword_spotting" and version.card.preprocessing.kind == "log_mel"
     assert set(version.card.evaluations) == {"test_seen", "test_stream"}
+    # Streaming graph with the LSTM state and the running frame-max, checked at export.
+    assert version.streaming
+    assert [s.name for s in version.card.streaming.state] == ["state_h", "state_c", "state_max"]
+    assert version.card.streaming.parity_max_abs_diff <= 1e-4
+    # int8 measured on the whole test split, shipped or not.
+    assert version.card.int8.examples == run["data"]["split"]["test"]
+    assert "DynamicQuantizeLSTM" in version.card.int8.quantized_ops
+    assert (version.path / "model.int8.onnx").exists() == version.card.int8.shipped
     # The served graph on the server's own features reproduces the exported model's outputs.
     clips = np.load(run_dir / "test_clips.npy")[:8]
     features = version.frontend(clips.astype(np.float32) / 32768.0)
