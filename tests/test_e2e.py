@@ -38,7 +38,9 @@ def test_train_export_serve_classify(tmp_path):
     models = tmp_path / "models"
     exported = _run([*RNNSERVE, "export", str(run_dir), "--models", str(models)])
     assert exported.returncode == 0, exported.stderr
-    assert {p.name for p in (models / "sentiment" / "1").iterdir()} == {"model.onnx", "model.json", "tokenizer.json"}
+    files = {p.name for p in (models / "sentiment" / "1").iterdir()}
+    assert {"model.onnx", "step.onnx", "model.json", "tokenizer.json"} <= files
+    assert files <= {"model.onnx", "step.onnx", "model.int8.onnx", "model.json", "tokenizer.json"}
 
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:

@@ -29,10 +29,13 @@ class Context:
 
 
 def setup() -> Context:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU)."""
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU), or run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Context()
+        # One process: the GPU when there is one (RNNSERVE_TRAIN_DEVICE=cpu keeps it on the CPU).
+        wanted = os.environ.get("RNNSERVE_TRAIN_DEVICE", "auto")
+        use_cuda = wanted != "cpu" and torch.cuda.is_available()
+        return Context(device=torch.device("cuda") if use_cuda else torch.device("cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

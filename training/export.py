@@ -56,6 +56,10 @@ class ExportError(Exception):
     """The exported graph is not what the trained model computes, or cannot be written."""
 
 
+class FixedAxesError(ExportError):
+    """The exporter fixed an axis that must stay dynamic."""
+
+
 def load_run(run_dir: Path) -> tuple[dict, RNNClassifier]:
     run = json.loads((run_dir / "run.json").read_text())
     model = RNNClassifier(ClassifierConfig(**run["model_config"]))
@@ -142,7 +146,7 @@ def _check_native_recurrence(path: Path, config: ClassifierConfig):
     # process; library callers get this error instead of a model that rejects other lengths.
     fixed = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[:2] if not d.dim_param]
     if fixed:
-        raise ExportError(
+        raise FixedAxesError(
             f"{path.name}: {graph.input[0].name} has fixed axes {fixed}; export in a fresh process or "
             "with exporter='torchscript'"
         )
@@ -344,7 +348,16 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
     try:
         opset = export_onnx(model, staging / "model.onnx", exporter)
-        check_graph(staging / "model.onnx", config)
+        try:
+            check_graph(staging / "model.onnx", config)
+        except FixedAxesError as error:
+            if exporter != "dynamo":
+                raise
+            # Seen with some torch versions, and after another dynamo export in one process.
+            log.warning("%s; exporting with the TorchScript exporter instead", error)
+            exporter = "torchscript"
+            opset = export_onnx(model, staging / "model.onnx", exporter)
+            check_graph(staging / "model.onnx", config)
         worst = check_parity(model, staging / "model.onnx", batches)
         streaming = None
         if not config.bidirectional:
