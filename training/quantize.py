@@ -2,7 +2,8 @@
 
 ONNX Runtime's dynamic quantization rewrites LSTM nodes to DynamicQuantizeLSTM (int8 weights),
 MatMul/Gemm nodes to their integer forms and the embedding table to int8 (dequantized after the
-Gather); it has no GRU entry, so a GRU model keeps its recurrence in fp32. Export measures both graphs side by side on the whole held-out split
+Gather); it has no GRU entry, so a GRU model keeps its recurrence in fp32.
+Export measures both graphs side by side on the whole held-out split
 (accuracy, and wall time per example on this machine) and ships `model.int8.onnx` only when
 accuracy drops by at most MAX_ACCURACY_DROP and the int8 graph is at least MIN_SPEEDUP faster or
 at most MAX_SIZE_RATIO of the fp32 file's size.
