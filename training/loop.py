@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -56,14 +57,25 @@ def predict(
     return sum(loss for _, loss in gathered) / max(count, 1), predictions
 
 
+_RNN_LAYER = re.compile(r"_(l\d+(?:_reverse)?)$")
+
+
+def _layer_of(name: str) -> str:
+    """"rnn.weight_hh_l1" -> "rnn.l1", "rnn.bias_ih_l0_reverse" -> "rnn.l0_reverse", "head.bias" -> "head"."""
+    module, _, parameter = name.partition(".")
+    layer = _RNN_LAYER.search(parameter)
+    return f"{module}.{layer.group(1)}" if layer else module
+
+
 def gradient_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient per top-level module, before clipping."""
+    """L2 norm of the gradient per layer (each recurrent layer and direction, the embedding,
+    the head), before clipping."""
     squares: dict[str, float] = {}
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
-            module = name.split(".")[0]
-            squares[module] = squares.get(module, 0.0) + float(parameter.grad.pow(2).sum())
-    return {module: math.sqrt(value) for module, value in squares.items()}
+            layer = _layer_of(name)
+            squares[layer] = squares.get(layer, 0.0) + float(parameter.grad.pow(2).sum())
+    return {layer: math.sqrt(value) for layer, value in squares.items()}
 
 
 def fit(

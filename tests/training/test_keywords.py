@@ -100,6 +100,9 @@ def test_quick_keywords_run_trains_evaluates_seen_unseen_and_streamed_and_export
     assert run["model_config"]["pooling"] == "frame_max" and not run["model_config"]["bidirectional"]
     assert set(run["evaluations"]) == {"test_seen", "test_stream"}
     assert run["data"]["split"]["test"] > 0 and run["data"]["split"]["test_seen"] > 0
+    # Gradient norms per layer before clipping, and the share of clipped steps, every epoch.
+    assert set(run["history"][0]["gradient_norm_median"]) == {"rnn.l0", "head"}
+    assert all(0.0 <= row["clipped_fraction"] <= 1.0 for row in run["history"])
     for plot in ("learning_curves.png", "confusion_matrix.png", "gradient_norms.png"):
         assert (run_dir / plot).read_bytes().startswith(b"\x89PNG")
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
