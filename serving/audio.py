@@ -106,3 +106,48 @@ class StreamingLogMel:
         # Keep what the next frame needs: everything from the next frame's start.
         self.pending = buffered[count * c.hop_samples :]
         return features
+
+
+MAX_SOURCE_RATE_HZ = 384_000
+
+
+def decode_clip(
+    field: str, target_rate_hz: int, max_seconds: float, *, file: bytes | None = None,
+    pcm16: bytes | None = None, samples: np.ndarray | None = None, sample_rate_hz: int = 0,
+) -> np.ndarray:
+    """One clip as mono float32 samples at target_rate_hz, from an encoded file (WAV, FLAC,
+    OGG), raw little-endian PCM16 or float samples. Raises InvalidInput naming `field`."""
+    import io
+
+    import soundfile
+    import soxr
+
+    from serving.errors import InvalidInput
+
+    if file is not None:
+        try:
+            data, sample_rate_hz = soundfile.read(io.BytesIO(file), dtype="float32", always_2d=True)
+        except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as error:
+            raise InvalidInput(f"{field}.file: not a readable WAV/FLAC/OGG file ({error})") from None
+        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    else:
+        if not 0 < sample_rate_hz <= MAX_SOURCE_RATE_HZ:
+            raise InvalidInput(
+                f"{field}.sample_rate_hz: {sample_rate_hz}, must be 1 to {MAX_SOURCE_RATE_HZ} Hz for raw samples"
+            )
+        if pcm16 is not None:
+            if len(pcm16) % 2:
+                raise InvalidInput(f"{field}.pcm16: {len(pcm16)} bytes, not a whole number of 16-bit samples")
+            audio = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+        else:
+            audio = np.asarray(samples, dtype=np.float32)
+            if not np.isfinite(audio).all():
+                raise InvalidInput(f"{field}.samples: NaN or infinite values")
+    if audio.size == 0:
+        raise InvalidInput(f"{field}: no samples")
+    seconds = audio.size / sample_rate_hz
+    if seconds > max_seconds:
+        raise InvalidInput(f"{field}: {seconds:.2f} s of audio, limit {max_seconds:g} s")
+    if sample_rate_hz != target_rate_hz:
+        audio = soxr.resample(audio, sample_rate_hz, target_rate_hz, quality="HQ").astype(np.float32)
+    return np.clip(audio, -1.0, 1.0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.audio import decode_clip
 from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.repository import ModelEntry, ModelVersion
@@ -60,6 +61,28 @@ class DataPlane:
     def limits(model: ModelVersion) -> Limits:
         return model.card.limits if model.card else Limits()
 
+    @staticmethod
+    def _check_batch(field: str, count: int, limits: Limits, top_k: int, labels: list[str]) -> None:
+        if count == 0:
+            raise InvalidInput(f"{field}: empty; send 1 to {limits.max_batch_size} {field}")
+        if count > limits.max_batch_size:
+            raise InvalidInput(f"{field}: {count} inputs, limit {limits.max_batch_size} per request")
+        if top_k > len(labels):
+            raise InvalidInput(f"top_k: {top_k} exceeds the model's {len(labels)} labels")
+
+    @staticmethod
+    def _predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[Prediction]:
+        probabilities = softmax(logits.astype(np.float64)).astype(np.float32)
+        predictions = []
+        for row in probabilities:
+            best = int(row.argmax())
+            order = np.argsort(-row, kind="stable")[:top_k]
+            predictions.append(Prediction(
+                label=labels[best], score=float(row[best]), probabilities=row,
+                top=[(labels[i], float(row[i])) for i in order],
+            ))
+        return predictions
+
     def classify_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0
     ) -> tuple[ModelVersion, list[Prediction]]:
@@ -67,12 +90,7 @@ class DataPlane:
         if model.encoder is None:
             raise InvalidInput(f"model {name!r} is a {model.task} model and does not take texts")
         limits, labels = self.limits(model), model.card.labels
-        if not texts:
-            raise InvalidInput(f"texts: empty; send 1 to {limits.max_batch_size} texts")
-        if len(texts) > limits.max_batch_size:
-            raise InvalidInput(f"texts: {len(texts)} texts, limit {limits.max_batch_size} per request")
-        if top_k > len(labels):
-            raise InvalidInput(f"top_k: {top_k} exceeds the model's {len(labels)} labels")
+        self._check_batch("texts", len(texts), limits, top_k, labels)
         for index, text in enumerate(texts):
             if not text.strip():
                 raise InvalidInput(f"texts[{index}]: empty text")
@@ -86,13 +104,31 @@ class DataPlane:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
         input_ids, lengths = model.encoder.pad(token_ids)
         (logits,) = model.session.run({"input_ids": input_ids, "lengths": lengths}, ["logits"])
-        probabilities = softmax(logits.astype(np.float64)).astype(np.float32)
-        predictions = []
-        for row in probabilities:
-            best = int(row.argmax())
-            order = np.argsort(-row, kind="stable")[:top_k]
-            predictions.append(Prediction(
-                label=labels[best], score=float(row[best]), probabilities=row,
-                top=[(labels[i], float(row[i])) for i in order],
-            ))
-        return model, predictions
+        return model, self._predictions(logits, labels, top_k)
+
+    def classify_audio(
+        self, name: str, version: str, clips: list[dict], top_k: int = 0
+    ) -> tuple[ModelVersion, list[Prediction]]:
+        """clips: keyword arguments of serving.audio.decode_clip per clip (file=, pcm16=,
+        samples=, sample_rate_hz=). Each clip is resampled to the model's rate and scored whole."""
+        model = self.model(name, version)
+        if model.frontend is None:
+            raise InvalidInput(f"model {name!r} is a {model.task} model and does not take audio")
+        limits, labels = self.limits(model), model.card.labels
+        self._check_batch("audio", len(clips), limits, top_k, labels)
+        config = model.frontend.config
+        features = []
+        for index, clip in enumerate(clips):
+            samples = decode_clip(f"audio[{index}]", config.sample_rate_hz, limits.max_audio_seconds, **clip)
+            if config.frames_for(len(samples)) == 0:
+                raise InvalidInput(
+                    f"audio[{index}]: {len(samples) / config.sample_rate_hz * 1000:.1f} ms, shorter than one "
+                    f"{config.window_samples / config.sample_rate_hz * 1000:.0f} ms frame"
+                )
+            features.append(model.frontend(samples))
+        lengths = np.array([len(f) for f in features], np.int64)
+        batch = np.zeros((len(features), int(lengths.max()), config.mel_bands), np.float32)
+        for row, frames in enumerate(features):
+            batch[row, : len(frames)] = frames
+        (logits,) = model.session.run({"features": batch, "lengths": lengths}, ["logits"])
+        return model, self._predictions(logits, labels, top_k)

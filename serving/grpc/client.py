@@ -3,6 +3,8 @@
     with RnnServeClient("127.0.0.1:50051") as client:
         for result in client.classify("sentiment", ["what a wonderful flight"]):
             print(result.label, result.score)
+        for result in client.classify_audio("keywords", [Path("yes.wav").read_bytes()]):
+            print(result.label, result.score)
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ class RnnServeClient:
 
     def classify(self, model: str, texts: list[str], version: str = "", top_k: int = 0) -> list[pb.Classification]:
         request = pb.ClassifyRequest(model=model, version=version, texts=texts, top_k=top_k)
+        return list(self.stub.Classify(request, timeout=self.timeout_s).results)
+
+    def classify_audio(
+        self, model: str, clips: list, sample_rate_hz: int = 0, version: str = "", top_k: int = 0
+    ) -> list[pb.Classification]:
+        """clips: encoded files (WAV/FLAC/OGG bytes), or float sample arrays in [-1, 1] at
+        sample_rate_hz (numpy arrays or lists)."""
+        audio = []
+        for clip in clips:
+            if isinstance(clip, bytes | bytearray):
+                audio.append(pb.AudioClip(file=bytes(clip)))
+            else:
+                audio.append(pb.AudioClip(samples=pb.FloatSamples(values=list(map(float, clip))),
+                                          sample_rate_hz=sample_rate_hz))
+        request = pb.ClassifyRequest(model=model, version=version, audio=audio, top_k=top_k)
         return list(self.stub.Classify(request, timeout=self.timeout_s).results)
 
     def close(self) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from concurrent.futures import Executor
 
 import grpc
+import numpy as np
 
 from serving.dataplane import DataPlane
+from serving.errors import InvalidInput
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.grpc.handlers import add_servicer
@@ -61,6 +63,8 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 max_batch_size=limits.max_batch_size,
                 max_text_chars=limits.max_text_chars,
                 max_tokens=getattr(card.preprocessing, "max_tokens", 0) if card else 0,
+                max_audio_seconds=limits.max_audio_seconds if model.frontend else 0.0,
+                sample_rate_hz=model.frontend.config.sample_rate_hz if model.frontend else 0,
             ),
             inputs=_tensor_specs(model.session.inputs),
             outputs=_tensor_specs(model.session.outputs),
@@ -70,11 +74,16 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
 
     async def Classify(self, request, context):
         texts = list(request.texts)
-        model, predictions = await run_call(
-            context,
-            lambda: self.dataplane.classify_texts(request.model, request.version, texts, request.top_k),
-            self.executor,
-        )
+        clips = [_clip_arguments(clip) for clip in request.audio]
+
+        def classify():
+            if texts and clips:
+                raise InvalidInput("texts and audio: send one kind of input per request")
+            if clips:
+                return self.dataplane.classify_audio(request.model, request.version, clips, request.top_k)
+            return self.dataplane.classify_texts(request.model, request.version, texts, request.top_k)
+
+        model, predictions = await run_call(context, classify, self.executor)
         return pb.ClassifyResponse(
             model=model.name,
             version=model.version,
@@ -86,6 +95,18 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 for p in predictions
             ],
         )
+
+
+def _clip_arguments(clip: pb.AudioClip) -> dict:
+    """The AudioClip message as serving.audio.decode_clip keyword arguments."""
+    kind = clip.WhichOneof("data")
+    if kind == "file":
+        return {"file": clip.file}
+    if kind == "pcm16":
+        return {"pcm16": clip.pcm16, "sample_rate_hz": clip.sample_rate_hz}
+    if kind == "samples":
+        return {"samples": np.asarray(clip.samples.values, dtype=np.float32), "sample_rate_hz": clip.sample_rate_hz}
+    return {"samples": np.zeros(0, np.float32), "sample_rate_hz": clip.sample_rate_hz or 1}
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnServe"]

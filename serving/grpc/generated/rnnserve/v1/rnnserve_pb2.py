@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.rnnserve.v1.ModelSummary\"s\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"L\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\"\x8f\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x11\n\tstreaming\x18\x06 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.rnnserve.v1.Limits\x12\'\n\x06inputs\x18\t \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\n \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12:\n\nproperties\x18\r \x03(\x0b\x32&.rnnserve.v1.ModelInfo.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.rnnserve.v1.LabelScore\"`\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.rnnserve.v1.Classification2\xe4\x01\n\x08RnnServe\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12G\n\x08\x43lassify\x12\x1c.rnnserve.v1.ClassifyRequest\x1a\x1d.rnnserve.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.rnnserve.v1.ModelSummary\"s\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x7f\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_audio_seconds\x18\x04 \x01(\x02\x12\x16\n\x0esample_rate_hz\x18\x05 \x01(\r\"\x8f\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x11\n\tstreaming\x18\x06 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.rnnserve.v1.Limits\x12\'\n\x06inputs\x18\t \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\n \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12:\n\nproperties\x18\r \x03(\x0b\x32&.rnnserve.v1.ModelInfo.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12%\n\x05\x61udio\x18\x05 \x03(\x0b\x32\x16.rnnserve.v1.AudioClip\"z\n\tAudioClip\x12\x0e\n\x04\x66ile\x18\x01 \x01(\x0cH\x00\x12\x0f\n\x05pcm16\x18\x02 \x01(\x0cH\x00\x12,\n\x07samples\x18\x03 \x01(\x0b\x32\x19.rnnserve.v1.FloatSamplesH\x00\x12\x16\n\x0esample_rate_hz\x18\x04 \x01(\rB\x06\n\x04\x64\x61ta\"\x1e\n\x0c\x46loatSamples\x12\x0e\n\x06values\x18\x01 \x03(\x02\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"k\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.rnnserve.v1.LabelScore\"`\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.rnnserve.v1.Classification2\xe4\x01\n\x08RnnServe\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12G\n\x08\x43lassify\x12\x1c.rnnserve.v1.ClassifyRequest\x1a\x1d.rnnserve.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,19 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=296
   _globals['_TENSORSPEC']._serialized_end=352
   _globals['_LIMITS']._serialized_start=354
-  _globals['_LIMITS']._serialized_end=430
-  _globals['_MODELINFO']._serialized_start=433
-  _globals['_MODELINFO']._serialized_end=832
-  _globals['_MODELINFO_PROPERTIESENTRY']._serialized_start=783
-  _globals['_MODELINFO_PROPERTIESENTRY']._serialized_end=832
-  _globals['_CLASSIFYREQUEST']._serialized_start=834
-  _globals['_CLASSIFYREQUEST']._serialized_end=913
-  _globals['_LABELSCORE']._serialized_start=915
-  _globals['_LABELSCORE']._serialized_end=957
-  _globals['_CLASSIFICATION']._serialized_start=959
-  _globals['_CLASSIFICATION']._serialized_end=1066
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1068
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1164
-  _globals['_RNNSERVE']._serialized_start=1167
-  _globals['_RNNSERVE']._serialized_end=1395
+  _globals['_LIMITS']._serialized_end=481
+  _globals['_MODELINFO']._serialized_start=484
+  _globals['_MODELINFO']._serialized_end=883
+  _globals['_MODELINFO_PROPERTIESENTRY']._serialized_start=834
+  _globals['_MODELINFO_PROPERTIESENTRY']._serialized_end=883
+  _globals['_CLASSIFYREQUEST']._serialized_start=885
+  _globals['_CLASSIFYREQUEST']._serialized_end=1003
+  _globals['_AUDIOCLIP']._serialized_start=1005
+  _globals['_AUDIOCLIP']._serialized_end=1127
+  _globals['_FLOATSAMPLES']._serialized_start=1129
+  _globals['_FLOATSAMPLES']._serialized_end=1159
+  _globals['_LABELSCORE']._serialized_start=1161
+  _globals['_LABELSCORE']._serialized_end=1203
+  _globals['_CLASSIFICATION']._serialized_start=1205
+  _globals['_CLASSIFICATION']._serialized_end=1312
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1314
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1410
+  _globals['_RNNSERVE']._serialized_start=1413
+  _globals['_RNNSERVE']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

@@ -52,14 +52,18 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_text_chars", "max_tokens")
+    __slots__ = ("max_batch_size", "max_text_chars", "max_tokens", "max_audio_seconds", "sample_rate_hz")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_text_chars: int
     max_tokens: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    max_audio_seconds: float
+    sample_rate_hz: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "versions", "task", "labels", "streaming", "execution_provider", "limits", "inputs", "outputs", "ready", "reason", "properties")
@@ -99,16 +103,36 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., streaming: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "texts", "top_k")
+    __slots__ = ("model", "version", "texts", "top_k", "audio")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    audio: _containers.RepeatedCompositeFieldContainer[AudioClip]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., audio: _Optional[_Iterable[_Union[AudioClip, _Mapping]]] = ...) -> None: ...
+
+class AudioClip(_message.Message):
+    __slots__ = ("file", "pcm16", "samples", "sample_rate_hz")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    PCM16_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    file: bytes
+    pcm16: bytes
+    samples: FloatSamples
+    sample_rate_hz: int
+    def __init__(self, file: _Optional[bytes] = ..., pcm16: _Optional[bytes] = ..., samples: _Optional[_Union[FloatSamples, _Mapping]] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
+
+class FloatSamples(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
