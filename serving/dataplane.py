@@ -29,6 +29,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class DataPlane:
     def __init__(self, models: dict[str, ModelEntry]):
         self.models = models
+        # False once the server drains for shutdown: readiness probes then say no.
+        self.accepting = True
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -132,3 +134,43 @@ class DataPlane:
             batch[row, : len(frames)] = frames
         (logits,) = model.session.run({"features": batch, "lengths": lengths}, ["logits"])
         return model, self._predictions(logits, labels, top_k)
+
+    def infer_tensors(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        """A plain tensor model (no card): the graph's inputs in, its outputs out. Names,
+        dtypes, ranks and fixed dimensions are checked against the graph."""
+        model = self.model(name, version)
+        if model.card is not None:
+            raise InvalidInput(f"model {name!r} is a {model.task} model: send its task inputs, not raw tensors")
+        limits = self.limits(model)
+        expected = {info.name: info for info in model.session.inputs}
+        missing = sorted(set(expected) - set(inputs))
+        unknown = sorted(set(inputs) - set(expected))
+        if missing or unknown:
+            raise InvalidInput(f"inputs: model {name!r} takes {sorted(expected)}; missing {missing}, unknown {unknown}")
+        feeds = {}
+        for input_name, array in inputs.items():
+            info = expected[input_name]
+            if array.dtype == object or str(array.dtype) != info.dtype:
+                raise InvalidInput(f"inputs[{input_name}]: dtype {array.dtype}, the model takes {info.dtype}")
+            if array.ndim != len(info.shape):
+                raise InvalidInput(f"inputs[{input_name}]: {array.ndim} axes, the model takes {len(info.shape)}")
+            for axis, (got, want) in enumerate(zip(array.shape, info.shape, strict=True)):
+                if want != -1 and got != want:
+                    raise InvalidInput(f"inputs[{input_name}]: axis {axis} is {got}, the model takes {want}")
+            if array.ndim and array.shape[0] > limits.max_batch_size:
+                raise InvalidInput(
+                    f"inputs[{input_name}]: batch of {array.shape[0]}, limit {limits.max_batch_size} per request"
+                )
+            feeds[input_name] = array
+        names = [info.name for info in model.session.outputs]
+        wanted = outputs or names
+        for output in wanted:
+            if output not in names:
+                raise InvalidInput(f"outputs: model {name!r} has no output {output!r} (it has {names})")
+        try:
+            results = model.session.run(feeds, list(wanted))
+        except Exception as error:  # ONNX Runtime rejects shapes it cannot run, e.g. mismatched batch axes
+            raise InvalidInput(f"inputs: the model cannot run them: {str(error).splitlines()[0][:300]}") from None
+        return model, dict(zip(wanted, results, strict=True))

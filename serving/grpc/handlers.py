@@ -50,11 +50,18 @@ def _handler(method, implementation):
         "response_serializer": response_class.SerializeToString,
     }
     if method.client_streaming:
-        def stream_in(requests, context):
-            return implementation(_checked_stream(requests, context), context)
-
+        # grpc.aio tells async handlers from sync ones by their function type, so each shape
+        # gets a wrapper of the right kind.
         if method.server_streaming:
-            return grpc.stream_stream_rpc_method_handler(stream_in, **codec)
+            async def stream_in_stream_out(requests, context):
+                async for response in implementation(_checked_stream(requests, context), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_in_stream_out, **codec)
+
+        async def stream_in(requests, context):
+            return await implementation(_checked_stream(requests, context), context)
+
         return grpc.stream_unary_rpc_method_handler(stream_in, **codec)
     if method.server_streaming:
         async def unary_in_stream_out(request, context):

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.dataplane import DataPlane
-from serving.grpc import typed
+from serving.grpc import kserve, typed
 from serving.repository import load_repository
 from serving.settings import ServerSettings
 
@@ -34,6 +34,7 @@ class RunningServer:
         self.executor = executor
 
     async def stop(self, grace_s: float | None) -> None:
+        self.dataplane.accepting = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -52,14 +53,18 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
         ("grpc.so_reuseport", 0),
     ])
     typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
+    kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", SERVING)
     await health_servicer.set(typed.SERVICE_NAME, SERVING)
+    await health_servicer.set(kserve.SERVICE_NAME, SERVING)
     for entry in dataplane.list_models():
         await health_servicer.set(entry.name, SERVING if entry.ready else NOT_SERVING)
 
+    # The KServe service lives in a private descriptor pool (see protos/generate.py), which
+    # reflection cannot see; its protocol is published, clients ship its definitions.
     reflection.enable_server_reflection(
         [typed.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

@@ -1,0 +1,204 @@
+"""`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over gRPC,
+wire-compatible with tritonclient[grpc].
+
+Task models speak in their own terms: text models take `text` BYTES [N] (UTF-8), the
+keyword model takes `audio` FP32 [N, S] (mono, at the model's rate unless the request
+parameter `sample_rate_hz` says otherwise); both answer `label` BYTES [N] and
+`probabilities` FP32 [N, C]. A plain ONNX model (no card) is served tensor-in, tensor-out
+with the graph's own names. Outputs come back as raw_output_contents, as Triton does.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+import grpc
+import numpy as np
+
+from serving import __version__
+from serving.dataplane import DataPlane, Prediction
+from serving.errors import InvalidInput, ServingError
+from serving.grpc.generated.inference import inference_pb2 as pb
+from serving.grpc.handlers import add_servicer
+from serving.grpc.status import run_call
+from serving.repository import ModelVersion
+from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
+
+PLATFORM = "onnxruntime_onnx"
+TASK_OUTPUTS = ("label", "probabilities")
+
+
+def _parameter(parameter: pb.InferParameter):
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
+
+
+def _task_inputs(model: ModelVersion) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    if model.frontend is not None:
+        return [pb.ModelMetadataResponse.TensorMetadata(name="audio", datatype="FP32", shape=[-1, -1])]
+    return [pb.ModelMetadataResponse.TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
+
+
+def _task_outputs(model: ModelVersion) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+        pb.ModelMetadataResponse.TensorMetadata(
+            name="probabilities", datatype="FP32", shape=[-1, len(model.card.labels)]
+        ),
+    ]
+
+
+def _graph_tensors(infos) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=info.name, datatype=FROM_NUMPY_NAME.get(info.dtype, info.dtype.upper()), shape=list(info.shape)
+        )
+        for info in infos
+    ]
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Every input tensor of a request by name, from raw_input_contents or typed contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs (one per input, in order)"
+        )
+    arrays = {}
+    for index, tensor in enumerate(request.inputs):
+        field = f"inputs[{tensor.name or index}]"
+        if tensor.name in arrays:
+            raise InvalidInput(f"{field}: the input appears twice")
+        arrays[tensor.name] = decode_tensor(
+            field, tensor.datatype, list(tensor.shape), tensor.contents, raw[index] if raw else None
+        )
+    return arrays
+
+
+class InferenceServicer:
+    def __init__(self, dataplane: DataPlane, executor: Executor):
+        self.dataplane = dataplane
+        self.executor = executor
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        ready = self.dataplane.accepting and any(entry.ready for entry in self.dataplane.list_models())
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request, context):
+        def ready():
+            try:
+                self.dataplane.model(request.name, request.version)
+            except ServingError as error:
+                if error.code == "UNAVAILABLE":
+                    return False
+                raise
+            return self.dataplane.accepting
+
+        return pb.ModelReadyResponse(ready=await run_call(context, ready, self.executor))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="rnnserve", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        def describe():
+            model = self.dataplane.model(request.name, request.version)
+            entry = self.dataplane.entry(request.name)
+            if model.card is None:
+                inputs, outputs = _graph_tensors(model.session.inputs), _graph_tensors(model.session.outputs)
+            else:
+                inputs, outputs = _task_inputs(model), _task_outputs(model)
+            return pb.ModelMetadataResponse(
+                name=model.name, versions=entry.version_names(), platform=PLATFORM, inputs=inputs, outputs=outputs
+            )
+
+        return await run_call(context, describe, self.executor)
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One request, synchronously (runs on the worker pool)."""
+        model = self.dataplane.model(request.model_name, request.model_version)
+        if "sequence_id" in request.parameters:
+            raise InvalidInput("parameters[sequence_id]: stateful sequences are not served yet; send whole inputs")
+        arrays = decode_inputs(request)
+        requested = [output.name for output in request.outputs]
+        if model.card is None:
+            model, results = self.dataplane.infer_tensors(model.name, model.version, arrays, requested or None)
+            named = [(name, FROM_NUMPY_NAME.get(str(value.dtype), "BYTES"), value) for name, value in results.items()]
+        else:
+            for name in requested:
+                if name not in TASK_OUTPUTS:
+                    raise InvalidInput(f"outputs: {name!r} is not an output of {model.name!r} (label, probabilities)")
+            predictions = self._classify(model, arrays, request)
+            labels = np.array([p.label.encode() for p in predictions], dtype=object)
+            probabilities = np.stack([p.probabilities for p in predictions]).astype(np.float32)
+            available = {"label": ("BYTES", labels), "probabilities": ("FP32", probabilities)}
+            named = [(name, *available[name]) for name in (requested or TASK_OUTPUTS)]
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        for name, datatype, value in named:
+            response.outputs.add(name=name, datatype=datatype, shape=list(value.shape))
+            response.raw_output_contents.append(raw_bytes(value, datatype))
+        return response
+
+    def _classify(self, model: ModelVersion, arrays: dict[str, np.ndarray], request) -> list[Prediction]:
+        expected = "audio" if model.frontend is not None else "text"
+        if set(arrays) != {expected}:
+            raise InvalidInput(f"inputs: model {model.name!r} takes one input named {expected!r}, got {sorted(arrays)}")
+        array = arrays[expected]
+        if expected == "text":
+            if array.dtype != object:
+                raise InvalidInput("inputs[text]: datatype must be BYTES (UTF-8 strings)")
+            if array.ndim == 2 and array.shape[1] == 1:
+                array = array[:, 0]
+            if array.ndim != 1:
+                raise InvalidInput(f"inputs[text]: shape {list(array.shape)}, expected [N] (or [N, 1])")
+            texts = []
+            for index, item in enumerate(array):
+                try:
+                    texts.append(item.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    raise InvalidInput(f"inputs[text][{index}]: not valid UTF-8 ({error.reason})") from None
+            _, predictions = self.dataplane.classify_texts(model.name, model.version, texts)
+            return predictions
+        if array.dtype != np.float32:
+            raise InvalidInput(f"inputs[audio]: datatype {FROM_NUMPY_NAME.get(str(array.dtype), array.dtype)}, "
+                               "expected FP32 samples in [-1, 1]")
+        if array.ndim != 2:
+            raise InvalidInput(f"inputs[audio]: shape {list(array.shape)}, expected [N, samples]")
+        rate = _parameter(request.parameters["sample_rate_hz"]) if "sample_rate_hz" in request.parameters else None
+        rate = int(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) else None
+        if "sample_rate_hz" in request.parameters and rate is None:
+            raise InvalidInput("parameters[sample_rate_hz]: must be an integer number of Hz")
+        rate = rate or model.frontend.config.sample_rate_hz
+        clips = [{"samples": row, "sample_rate_hz": rate} for row in array]
+        _, predictions = self.dataplane.classify_audio(model.name, model.version, clips)
+        return predictions
+
+    async def ModelInfer(self, request, context):
+        return await run_call(context, lambda: self.infer(request), self.executor)
+
+    async def ModelStreamInfer(self, requests, context):
+        """Each request gets one response on the stream; a failed request gets an error_message
+        and the stream goes on."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        async for request in requests:
+            try:
+                response = await loop.run_in_executor(self.executor, self.infer, request)
+            except ServingError as error:
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{error.code}: {error}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = SERVICE.full_name
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    add_servicer(server, SERVICE, servicer)
