@@ -187,3 +187,16 @@ def test_stream_infer_answers_each_request_and_survives_a_bad_one(client):
     assert answers[0][1] is None and answers[0][0].get_response().id == "a"
     assert answers[1][0] is None and "texts[0]: empty text" in str(answers[1][1])
     assert answers[2][1] is None and answers[2][0].as_numpy("label")[0] in (b"negative", b"neutral", b"positive")
+
+
+def test_audio_at_another_rate_with_the_sample_rate_parameter(client, typed):
+    t = np.arange(8000) / 8000
+    clip = (0.3 * np.sin(2 * np.pi * 440 * t) * (t > 0.5)).astype(np.float32)
+    audio = triton.InferInput("audio", [1, 8000], "FP32")
+    audio.set_data_from_numpy(clip[None])
+    result = client.infer("keywords", [audio], parameters={"sample_rate_hz": 8000})
+    (expected,) = typed.classify_audio("keywords", [clip], sample_rate_hz=8000)
+    np.testing.assert_allclose(result.as_numpy("probabilities")[0], list(expected.probabilities), atol=1e-5)
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("keywords", [audio], parameters={"sample_rate_hz": "fast"})
+    assert "parameters[sample_rate_hz]" in error.value.message()
