@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.audio import decode_clip
+from serving.batching import Batcher
 from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.repository import ModelEntry, ModelVersion
@@ -26,11 +28,81 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_rows: int = 64
+    max_delay_s: float = 0.002
+    max_queue_rows: int = 4096
+
+
+def _padded_runs(rows: list[np.ndarray], max_rows: int, run) -> list[np.ndarray]:
+    """Run variable-length rows in padded chunks of similar lengths; results in row order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    results: list[np.ndarray | None] = [None] * len(rows)
+    for start in range(0, len(order), max_rows):
+        chunk = order[start : start + max_rows]
+        lengths = np.array([len(rows[i]) for i in chunk], np.int64)
+        batch = np.zeros((len(chunk), int(lengths.max()), *rows[chunk[0]].shape[1:]), rows[chunk[0]].dtype)
+        for slot, i in enumerate(chunk):
+            batch[slot, : len(rows[i])] = rows[i]
+        for slot, logits in zip(chunk, run(batch, lengths), strict=True):
+            results[slot] = logits
+    return results
+
+
 class DataPlane:
-    def __init__(self, models: dict[str, ModelEntry]):
+    def __init__(self, models: dict[str, ModelEntry], batching: BatchingConfig | None = BatchingConfig()):
         self.models = models
         # False once the server drains for shutdown: readiness probes then say no.
         self.accepting = True
+        # None runs every request on its own (no batcher threads).
+        self.batching = batching
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
+
+    def batcher(self, model: ModelVersion) -> Batcher | None:
+        if self.batching is None:
+            return None
+        key = (model.name, model.version)
+        with self._lock:
+            if key not in self._batchers:
+                self._batchers[key] = Batcher(
+                    f"{model.name}/{model.version}", lambda payloads: self._run_jobs(model, payloads),
+                    self.batching.max_batch_rows, self.batching.max_delay_s, self.batching.max_queue_rows,
+                )
+            return self._batchers[key]
+
+    def _run_jobs(self, model: ModelVersion, payloads: list) -> list:
+        """One batcher call: every job's rows together; each job gets its own results back."""
+        kind = payloads[0][0]
+        if kind == "tensors":
+            return self._run_tensor_jobs(model, payloads)
+        rows = [row for _, job_rows in payloads for row in job_rows]
+        max_rows = self.batching.max_batch_rows if self.batching else len(rows)
+        logits = _padded_runs(rows, max_rows, lambda batch, lengths: self._logits(model, kind, batch, lengths))
+        results, position = [], 0
+        for _, job_rows in payloads:
+            results.append(np.stack(logits[position : position + len(job_rows)]))
+            position += len(job_rows)
+        return results
+
+    @staticmethod
+    def _logits(model: ModelVersion, kind: str, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        name = "input_ids" if kind == "text" else "features"
+        return model.session.run({name: batch, "lengths": lengths}, ["logits"])[0]
+
+    def _scores(self, model: ModelVersion, kind: str, rows: list[np.ndarray]) -> np.ndarray:
+        """Logits [len(rows), C] for one request, batched with concurrent ones when enabled."""
+        batcher = self.batcher(model)
+        if batcher is None:
+            return self._run_jobs(model, [(kind, rows)])[0]
+        return batcher.run((kind, rows), len(rows), key=kind)
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -104,8 +176,7 @@ class DataPlane:
         for index, ids in enumerate(token_ids):
             if not ids:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
-        input_ids, lengths = model.encoder.pad(token_ids)
-        (logits,) = model.session.run({"input_ids": input_ids, "lengths": lengths}, ["logits"])
+        logits = self._scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids])
         return model, self._predictions(logits, labels, top_k)
 
     def classify_audio(
@@ -128,12 +199,7 @@ class DataPlane:
                     f"{config.window_samples / config.sample_rate_hz * 1000:.0f} ms frame"
                 )
             features.append(model.frontend(samples))
-        lengths = np.array([len(f) for f in features], np.int64)
-        batch = np.zeros((len(features), int(lengths.max()), config.mel_bands), np.float32)
-        for row, frames in enumerate(features):
-            batch[row, : len(frames)] = frames
-        (logits,) = model.session.run({"features": batch, "lengths": lengths}, ["logits"])
-        return model, self._predictions(logits, labels, top_k)
+        return model, self._predictions(self._scores(model, "audio", features), labels, top_k)
 
     def infer_tensors(
         self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
@@ -169,8 +235,32 @@ class DataPlane:
         for output in wanted:
             if output not in names:
                 raise InvalidInput(f"outputs: model {name!r} has no output {output!r} (it has {names})")
+        payload = ("tensors", feeds, tuple(wanted))
+        batcher = self.batcher(model)
+        rows = {array.shape[0] for array in feeds.values() if array.ndim}
+        if batcher is None or len(rows) != 1:  # no common batch axis: run alone
+            return model, self._run_tensor_jobs(model, [payload])[0]
+        key = ("tensors", tuple(wanted), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
+        return model, batcher.run(payload, rows.pop(), key=key)
+
+    @staticmethod
+    def _run_tensor(model: ModelVersion, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:
         try:
-            results = model.session.run(feeds, list(wanted))
+            return dict(zip(wanted, model.session.run(feeds, list(wanted)), strict=True))
         except Exception as error:  # ONNX Runtime rejects shapes it cannot run, e.g. mismatched batch axes
             raise InvalidInput(f"inputs: the model cannot run them: {str(error).splitlines()[0][:300]}") from None
-        return model, dict(zip(wanted, results, strict=True))
+
+    def _run_tensor_jobs(self, model: ModelVersion, payloads: list) -> list[dict[str, np.ndarray]]:
+        """Jobs of one key share a call, concatenated on axis 0, when every output has that
+        batch axis; otherwise each job runs alone."""
+        wanted = payloads[0][2]
+        if len(payloads) == 1:
+            return [self._run_tensor(model, payloads[0][1], wanted)]
+        sizes = [next(iter(feeds.values())).shape[0] for _, feeds, _ in payloads]
+        joined = {name: np.concatenate([feeds[name] for _, feeds, _ in payloads]) for name in payloads[0][1]}
+        outputs = self._run_tensor(model, joined, wanted)
+        if any(value.ndim == 0 or value.shape[0] != sum(sizes) for value in outputs.values()):
+            return [self._run_tensor(model, feeds, wanted) for _, feeds, _ in payloads]
+        splits = np.cumsum(sizes)[:-1]
+        parts = {name: np.split(value, splits) for name, value in outputs.items()}
+        return [{name: parts[name][index] for name in wanted} for index in range(len(payloads))]

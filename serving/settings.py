@@ -23,4 +23,13 @@ class ServerSettings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: runtime default).")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
     grace_period_s: float = Field(10.0, ge=0, description="On SIGTERM, time in-flight work gets to finish.")
-    worker_threads: int = Field(8, gt=0, description="Threads that run preprocessing and inference.")
+    worker_threads: int = Field(
+        64, gt=0, description="Threads that decode and preprocess requests (they mostly wait on batches)."
+    )
+    batch_max_rows: int = Field(64, gt=0, description="Dynamic batching: most rows in one ONNX Runtime call.")
+    batch_max_delay_ms: float = Field(
+        2.0, ge=0, description="Dynamic batching: longest a request waits for others to join its batch."
+    )
+    queue_max_rows: int = Field(
+        4096, gt=0, description="Rows allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED."
+    )

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.dataplane import DataPlane
+from serving.dataplane import BatchingConfig, DataPlane
 from serving.grpc import kserve, typed
 from serving.repository import load_repository
 from serving.settings import ServerSettings
@@ -38,12 +38,16 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.dataplane.close()
 
 
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
     if dataplane is None:
-        dataplane = DataPlane(load_repository(settings.models, settings.device, settings.intra_op_threads))
+        dataplane = DataPlane(
+            load_repository(settings.models, settings.device, settings.intra_op_threads),
+            BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
+        )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
