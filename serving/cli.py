@@ -5,19 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve", description="Train, export and serve LSTM/GRU models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
 
-    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--models", type=Path, help="model repository (default models/)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
-    serve.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
-    serve.add_argument("--log-level", default="INFO")
+    serve = subparsers.add_parser(
+        "serve", help="serve a model repository over gRPC",
+        description="Serve a model repository over gRPC (typed API, KServe v2, health, reflection). Every "
+        "setting also reads from its RNNSERVE_* environment variable; a flag wins over the environment.",
+    )
+    from serving.settings import ServerSettings
+
+    for name, info in ServerSettings.model_fields.items():
+        default = info.default
+        shown = f"{default / 2**20:g} MiB" if name.endswith("_bytes") else default
+        serve.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=type(default) if default is not None else str,
+            metavar=name.upper(), help=f"{info.description} (default {shown}; env RNNSERVE_{name.upper()})",
+        )
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     serve.set_defaults(handler=_serve)
 
     try:
@@ -36,11 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.grpc.server import serve
     from serving.settings import ServerSettings
 
-    overrides = {
-        key: value
-        for key, value in {"models": args.models, "host": args.host, "port": args.port, "device": args.device}.items()
-        if value is not None
-    }
+    overrides = {name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name) is not None}
     configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = ServerSettings(**overrides)
