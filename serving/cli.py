@@ -53,6 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {problems}", file=sys.stderr)
         return 2
     try:
+        settings.bearer_token()
+    except (OSError, ValueError) as error:
+        print(f"error: auth token: {error}", file=sys.stderr)
+        return 2
+    try:
         return serve(settings)
     except (ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -30,6 +30,21 @@ class ServerSettings(BaseSettings):
     batch_max_delay_ms: float = Field(
         2.0, ge=0, description="Dynamic batching: longest a request waits for others to join its batch."
     )
+    auth_token: str | None = Field(
+        None, description="Require 'authorization: Bearer <token>' on every RPC except health (none: open)."
+    )
+    auth_token_file: Path | None = Field(
+        None, description="Read the bearer token from this file instead (keeps it out of the process list)."
+    )
     queue_max_rows: int = Field(
         4096, gt=0, description="Rows allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED."
     )
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send, from auth_token or auth_token_file; None when open."""
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"{self.auth_token_file}: empty token file")
+            return token
+        return self.auth_token or None

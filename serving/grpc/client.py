@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import grpc
 
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
@@ -17,9 +19,32 @@ from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = [*(details.metadata or ()), self.header]
+        return continuation(_CallDetails(details.method, details.timeout, metadata, details.credentials,
+                                         details.wait_for_ready, details.compression), request)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
 class RnnServeClient:
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0):
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None):
         self.channel = grpc.insecure_channel(target)
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = rnnserve_pb2_grpc.RnnServeStub(self.channel)
         self.timeout_s = timeout_s
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.dataplane import BatchingConfig, DataPlane
 from serving.grpc import kserve, typed
+from serving.grpc.auth import BearerTokenInterceptor
 from serving.repository import load_repository
 from serving.settings import ServerSettings
 
@@ -49,7 +50,9 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
             BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
-    server = grpc.aio.server(options=[
+    token = settings.bearer_token()
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # gRPC shares ports by default on Linux: a second server on a busy port would
