@@ -28,6 +28,7 @@ class Job:
     # Jobs with different keys never share a call (e.g. tensors of different shapes).
     key: Hashable = None
     future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Batcher:
     def __init__(
         self, name: str, runner: Callable[[list[object]], list[object]], max_batch_rows: int = 64,
         max_delay_s: float = 0.002, max_queue_rows: int = 4096,
+        observe: Callable[[list[float], float, int], None] | None = None,
     ):
         self.name = name
         self.runner = runner
@@ -48,6 +50,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
         self.stats = BatchStats()
+        # Called after every batched call with (each job's queue wait, compute seconds, rows).
+        self.observe = observe
         self._queue: collections.deque[Job] = collections.deque()
         self._queued_rows = 0
         self._condition = threading.Condition()
@@ -113,6 +117,7 @@ class Batcher:
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
+            started = time.perf_counter()
             try:
                 results = self.runner([job.payload for job in live])
             except BaseException as error:  # every waiting request gets the error
@@ -122,5 +127,8 @@ class Batcher:
             self.stats.calls += 1
             self.stats.jobs += len(live)
             self.stats.rows += sum(job.rows for job in live)
+            if self.observe is not None:
+                self.observe([started - job.submitted for job in live], time.perf_counter() - started,
+                             sum(job.rows for job in live))
             for job, result in zip(live, results, strict=True):
                 job.future.set_result(result)

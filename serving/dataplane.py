@@ -11,6 +11,7 @@ from serving.audio import decode_clip
 from serving.batching import Batcher
 from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
 
 
@@ -59,6 +60,7 @@ class DataPlane:
         self.batching = batching
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._lock = threading.Lock()
+        self.metrics = Metrics()
 
     def close(self) -> None:
         with self._lock:
@@ -75,8 +77,15 @@ class DataPlane:
                 self._batchers[key] = Batcher(
                     f"{model.name}/{model.version}", lambda payloads: self._run_jobs(model, payloads),
                     self.batching.max_batch_rows, self.batching.max_delay_s, self.batching.max_queue_rows,
+                    observe=lambda waits, seconds, rows: self._observe(model.name, waits, seconds, rows),
                 )
             return self._batchers[key]
+
+    def _observe(self, name: str, waits: list[float], seconds: float, rows: int) -> None:
+        for wait in waits:
+            self.metrics.queue_seconds.labels(name).observe(wait)
+        self.metrics.compute_seconds.labels(name).observe(seconds)
+        self.metrics.batch_rows.labels(name).observe(rows)
 
     def _run_jobs(self, model: ModelVersion, payloads: list) -> list:
         """One batcher call: every job's rows together; each job gets its own results back."""

@@ -36,6 +36,9 @@ class ServerSettings(BaseSettings):
     auth_token_file: Path | None = Field(
         None, description="Read the bearer token from this file instead (keeps it out of the process list)."
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (none: off; 0 picks one)."
+    )
     queue_max_rows: int = Field(
         4096, gt=0, description="Rows allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED."
     )

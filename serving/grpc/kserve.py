@@ -176,7 +176,8 @@ class InferenceServicer:
         return predictions
 
     async def ModelInfer(self, request, context):
-        return await run_call(context, lambda: self.infer(request), self.executor)
+        return await run_call(context, lambda: self.infer(request), self.executor, self.dataplane.metrics,
+                              "ModelInfer", request.model_name)
 
     async def ModelStreamInfer(self, requests, context):
         """Each request gets one response on the stream; a failed request gets an error_message
@@ -184,16 +185,23 @@ class InferenceServicer:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        async for request in requests:
-            try:
-                response = await loop.run_in_executor(self.executor, self.infer, request)
-            except ServingError as error:
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{error.code}: {error}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                )
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
+        metrics = self.dataplane.metrics
+        metrics.active_streams.inc()
+        try:
+            async for request in requests:
+                try:
+                    response = await loop.run_in_executor(self.executor, self.infer, request)
+                except ServingError as error:
+                    metrics.requests.labels("ModelStreamInfer", request.model_name, error.code).inc()
+                    yield pb.ModelStreamInferResponse(
+                        error_message=f"{error.code}: {error}",
+                        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                    )
+                    continue
+                metrics.requests.labels("ModelStreamInfer", request.model_name, "OK").inc()
+                yield pb.ModelStreamInferResponse(infer_response=response)
+        finally:
+            metrics.active_streams.dec()
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]

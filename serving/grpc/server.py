@@ -27,9 +27,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class RunningServer:
     """A started server: its port, its health servicer and a way to shut it down."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer, dataplane, executor):
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer, dataplane, executor,
+                 metrics_port: int | None = None):
         self.server = server
         self.port = port
+        self.metrics_port = metrics_port
         self.health = health_servicer
         self.dataplane = dataplane
         self.executor = executor
@@ -40,6 +42,7 @@ class RunningServer:
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.dataplane.close()
+        self.dataplane.metrics.close()
 
 
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
@@ -83,7 +86,15 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     if port == 0:
         raise OSError(f"cannot bind {address}")
     await server.start()
-    return RunningServer(server, port, health_servicer, dataplane, executor)
+    metrics_port = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_port = dataplane.metrics.serve_http(settings.host, settings.metrics_port)
+        except OSError as error:
+            await server.stop(None)
+            raise OSError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {error}") from None
+        log.info("Prometheus metrics on http://%s:%d/metrics", settings.host, metrics_port)
+    return RunningServer(server, port, health_servicer, dataplane, executor, metrics_port)
 
 
 async def _serve_until_signal(settings: ServerSettings) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
 
 from serving.errors import ServingError
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -19,13 +21,25 @@ def status_code(error: ServingError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code]
 
 
-async def run_call(context: grpc.aio.ServicerContext, work: Callable[[], T], executor=None) -> T:
-    """Run blocking data-plane work off the event loop; typed errors abort with their status."""
+async def run_call(
+    context: grpc.aio.ServicerContext, work: Callable[[], T], executor=None, metrics: Metrics | None = None,
+    method: str = "", model: str = "",
+) -> T:
+    """Run blocking data-plane work off the event loop; typed errors abort with their status.
+    With metrics, the call is counted by method, model and status code, and timed."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, work)
     except ServingError as error:
-        await context.abort(status_code(error), str(error))
+        code = status_code(error)
+        await context.abort(code, str(error))
     except Exception:
         log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
+        code = grpc.StatusCode.INTERNAL
+        await context.abort(code, "internal server error; see the server log")
+    finally:
+        if metrics is not None:
+            metrics.requests.labels(method, model, code.name).inc()
+            metrics.request_seconds.labels(method, model).observe(time.perf_counter() - started)
     raise AssertionError("unreachable: context.abort raises")

@@ -83,7 +83,8 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 return self.dataplane.classify_audio(request.model, request.version, clips, request.top_k)
             return self.dataplane.classify_texts(request.model, request.version, texts, request.top_k)
 
-        model, predictions = await run_call(context, classify, self.executor)
+        model, predictions = await run_call(context, classify, self.executor, self.dataplane.metrics, "Classify",
+                                            request.model)
         return pb.ClassifyResponse(
             model=model.name,
             version=model.version,

@@ -1,0 +1,51 @@
+"""Prometheus metrics, served over HTTP on their own port (`--metrics-port`).
+
+Each server owns its registry, so several servers can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rnnserve_requests", "RPCs by method, model and gRPC status code", ["method", "model", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "rnnserve_request_seconds", "RPC wall time, decode to reply", ["method", "model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "rnnserve_queue_seconds", "Time a request waited in its model's batching queue", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "rnnserve_compute_seconds", "Time of one batched ONNX Runtime call", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "rnnserve_batch_rows", "Rows per batched ONNX Runtime call", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.active_streams = Gauge(
+            "rnnserve_active_streams", "Open streaming RPCs", registry=self.registry,
+        )
+        self._http = None
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint; returns the bound port (port 0 picks one)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
