@@ -2,11 +2,12 @@
 ONNX Runtime call.
 
 Each model version has a Batcher with one worker thread. A request is submitted as one job
-(some rows); the worker takes the oldest job, waits at most `max_delay_s` for more, gathers
+(some rows, and the client's deadline); the worker takes the oldest job, waits at most `max_delay_s` for more, gathers
 jobs until `max_batch_rows` rows, and hands them to the model's runner, which pads them by
 length (similar lengths together) and returns each job its own rows. The queue is bounded
 in rows: beyond `max_queue_rows` a request is refused with RESOURCE_EXHAUSTED instead of
-waiting without end. Results equal unbatched ones: the graphs are padding-invariant.
+waiting without end, and a job whose deadline passed while it waited is dropped unrun
+(DEADLINE_EXCEEDED). Results equal unbatched ones: the graphs are padding-invariant.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from serving.errors import ResourceExhausted
+from serving.errors import DeadlineExceeded, ResourceExhausted
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Job:
     key: Hashable = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+    # time.monotonic() after which nobody waits for the result any more (None: no deadline).
+    deadline: float | None = None
 
 
 @dataclass
@@ -36,6 +39,8 @@ class BatchStats:
     calls: int = 0
     jobs: int = 0
     rows: int = 0
+    # Jobs dropped because their deadline passed before they ran.
+    expired: int = 0
 
 
 class Batcher:
@@ -59,8 +64,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, payload: object, rows: int, key: Hashable = None) -> Future:
-        job = Job(payload, rows, key)
+    def submit(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> Future:
+        job = Job(payload, rows, key, deadline=deadline)
         with self._condition:
             if self._closed:
                 raise ResourceExhausted(f"model {self.name!r} is shutting down")
@@ -73,9 +78,9 @@ class Batcher:
             self._condition.notify()
         return job.future
 
-    def run(self, payload: object, rows: int, key: Hashable = None) -> object:
+    def run(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> object:
         """Submit and wait for this job's result (raises what the runner raised)."""
-        return self.submit(payload, rows, key).result()
+        return self.submit(payload, rows, key, deadline).result()
 
     def close(self) -> None:
         with self._condition:
@@ -114,7 +119,18 @@ class Batcher:
             jobs = self._take()
             if jobs is None:
                 return
-            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            now = time.monotonic()
+            live = []
+            for job in jobs:
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                if job.deadline is not None and now > job.deadline:
+                    self.stats.expired += 1
+                    job.future.set_exception(DeadlineExceeded(
+                        f"model {self.name!r}: the deadline passed while the request waited; it was not run"
+                    ))
+                    continue
+                live.append(job)
             if not live:
                 continue
             started = time.perf_counter()

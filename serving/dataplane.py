@@ -106,12 +106,14 @@ class DataPlane:
         name = "input_ids" if kind == "text" else "features"
         return model.session.run({name: batch, "lengths": lengths}, ["logits"])[0]
 
-    def _scores(self, model: ModelVersion, kind: str, rows: list[np.ndarray]) -> np.ndarray:
+    def _scores(
+        self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
+    ) -> np.ndarray:
         """Logits [len(rows), C] for one request, batched with concurrent ones when enabled."""
         batcher = self.batcher(model)
         if batcher is None:
             return self._run_jobs(model, [(kind, rows)])[0]
-        return batcher.run((kind, rows), len(rows), key=kind)
+        return batcher.run((kind, rows), len(rows), key=kind, deadline=deadline)
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -167,7 +169,7 @@ class DataPlane:
         return predictions
 
     def classify_texts(
-        self, name: str, version: str, texts: list[str], top_k: int = 0
+        self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
     ) -> tuple[ModelVersion, list[Prediction]]:
         model = self.model(name, version)
         if model.encoder is None:
@@ -185,11 +187,11 @@ class DataPlane:
         for index, ids in enumerate(token_ids):
             if not ids:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
-        logits = self._scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids])
+        logits = self._scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids], deadline)
         return model, self._predictions(logits, labels, top_k)
 
     def classify_audio(
-        self, name: str, version: str, clips: list[dict], top_k: int = 0
+        self, name: str, version: str, clips: list[dict], top_k: int = 0, deadline: float | None = None
     ) -> tuple[ModelVersion, list[Prediction]]:
         """clips: keyword arguments of serving.audio.decode_clip per clip (file=, pcm16=,
         samples=, sample_rate_hz=). Each clip is resampled to the model's rate and scored whole."""
@@ -208,10 +210,11 @@ class DataPlane:
                     f"{config.window_samples / config.sample_rate_hz * 1000:.0f} ms frame"
                 )
             features.append(model.frontend(samples))
-        return model, self._predictions(self._scores(model, "audio", features), labels, top_k)
+        return model, self._predictions(self._scores(model, "audio", features, deadline), labels, top_k)
 
     def infer_tensors(
-        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+        deadline: float | None = None,
     ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """A plain tensor model (no card): the graph's inputs in, its outputs out. Names,
         dtypes, ranks and fixed dimensions are checked against the graph."""
@@ -250,7 +253,7 @@ class DataPlane:
         if batcher is None or len(rows) != 1:  # no common batch axis: run alone
             return model, self._run_tensor_jobs(model, [payload])[0]
         key = ("tensors", tuple(wanted), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
-        return model, batcher.run(payload, rows.pop(), key=key)
+        return model, batcher.run(payload, rows.pop(), key=key, deadline=deadline)
 
     @staticmethod
     def _run_tensor(model: ModelVersion, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:

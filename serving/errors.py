@@ -27,5 +27,11 @@ class ResourceExhausted(ServingError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(ServingError):
+    """The client's deadline passed before the work started; it was dropped."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class ModelLoadError(Exception):
     """A model version cannot be loaded; the message names the file and the problem."""

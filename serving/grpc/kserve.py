@@ -20,7 +20,7 @@ from serving.dataplane import DataPlane, Prediction
 from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.inference import inference_pb2 as pb
 from serving.grpc.handlers import add_servicer
-from serving.grpc.status import run_call
+from serving.grpc.status import deadline_of, run_call
 from serving.repository import ModelVersion
 from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
 
@@ -116,7 +116,7 @@ class InferenceServicer:
 
         return await run_call(context, describe, self.executor)
 
-    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
         """One request, synchronously (runs on the worker pool)."""
         model = self.dataplane.model(request.model_name, request.model_version)
         if "sequence_id" in request.parameters:
@@ -124,13 +124,15 @@ class InferenceServicer:
         arrays = decode_inputs(request)
         requested = [output.name for output in request.outputs]
         if model.card is None:
-            model, results = self.dataplane.infer_tensors(model.name, model.version, arrays, requested or None)
+            model, results = self.dataplane.infer_tensors(
+                model.name, model.version, arrays, requested or None, deadline
+            )
             named = [(name, FROM_NUMPY_NAME.get(str(value.dtype), "BYTES"), value) for name, value in results.items()]
         else:
             for name in requested:
                 if name not in TASK_OUTPUTS:
                     raise InvalidInput(f"outputs: {name!r} is not an output of {model.name!r} (label, probabilities)")
-            predictions = self._classify(model, arrays, request)
+            predictions = self._classify(model, arrays, request, deadline)
             labels = np.array([p.label.encode() for p in predictions], dtype=object)
             probabilities = np.stack([p.probabilities for p in predictions]).astype(np.float32)
             available = {"label": ("BYTES", labels), "probabilities": ("FP32", probabilities)}
@@ -141,7 +143,9 @@ class InferenceServicer:
             response.raw_output_contents.append(raw_bytes(value, datatype))
         return response
 
-    def _classify(self, model: ModelVersion, arrays: dict[str, np.ndarray], request) -> list[Prediction]:
+    def _classify(
+        self, model: ModelVersion, arrays: dict[str, np.ndarray], request, deadline: float | None
+    ) -> list[Prediction]:
         expected = "audio" if model.frontend is not None else "text"
         if set(arrays) != {expected}:
             raise InvalidInput(f"inputs: model {model.name!r} takes one input named {expected!r}, got {sorted(arrays)}")
@@ -159,7 +163,7 @@ class InferenceServicer:
                     texts.append(item.decode("utf-8"))
                 except UnicodeDecodeError as error:
                     raise InvalidInput(f"inputs[text][{index}]: not valid UTF-8 ({error.reason})") from None
-            _, predictions = self.dataplane.classify_texts(model.name, model.version, texts)
+            _, predictions = self.dataplane.classify_texts(model.name, model.version, texts, deadline=deadline)
             return predictions
         if array.dtype != np.float32:
             raise InvalidInput(f"inputs[audio]: datatype {FROM_NUMPY_NAME.get(str(array.dtype), array.dtype)}, "
@@ -172,11 +176,12 @@ class InferenceServicer:
             raise InvalidInput("parameters[sample_rate_hz]: must be an integer number of Hz")
         rate = rate or model.frontend.config.sample_rate_hz
         clips = [{"samples": row, "sample_rate_hz": rate} for row in array]
-        _, predictions = self.dataplane.classify_audio(model.name, model.version, clips)
+        _, predictions = self.dataplane.classify_audio(model.name, model.version, clips, deadline=deadline)
         return predictions
 
     async def ModelInfer(self, request, context):
-        return await run_call(context, lambda: self.infer(request), self.executor, self.dataplane.metrics,
+        deadline = deadline_of(context)
+        return await run_call(context, lambda: self.infer(request, deadline), self.executor, self.dataplane.metrics,
                               "ModelInfer", request.model_name)
 
     async def ModelStreamInfer(self, requests, context):

@@ -43,3 +43,9 @@ async def run_call(
             metrics.requests.labels(method, model, code.name).inc()
             metrics.request_seconds.labels(method, model).observe(time.perf_counter() - started)
     raise AssertionError("unreachable: context.abort raises")
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a time.monotonic() value, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

@@ -12,7 +12,7 @@ from serving.errors import InvalidInput
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.grpc.handlers import add_servicer
-from serving.grpc.status import run_call
+from serving.grpc.status import deadline_of, run_call
 from serving.repository import ModelEntry
 
 
@@ -75,13 +75,14 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     async def Classify(self, request, context):
         texts = list(request.texts)
         clips = [_clip_arguments(clip) for clip in request.audio]
+        deadline = deadline_of(context)
 
         def classify():
             if texts and clips:
                 raise InvalidInput("texts and audio: send one kind of input per request")
             if clips:
-                return self.dataplane.classify_audio(request.model, request.version, clips, request.top_k)
-            return self.dataplane.classify_texts(request.model, request.version, texts, request.top_k)
+                return self.dataplane.classify_audio(request.model, request.version, clips, request.top_k, deadline)
+            return self.dataplane.classify_texts(request.model, request.version, texts, request.top_k, deadline)
 
         model, predictions = await run_call(context, classify, self.executor, self.dataplane.metrics, "Classify",
                                             request.model)

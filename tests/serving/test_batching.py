@@ -84,3 +84,23 @@ def test_jobs_with_different_keys_never_share_a_call_and_errors_reach_every_wait
         assert batcher.run("ok", 1) == "OK"
     finally:
         batcher.close()
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun():
+    import time
+
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=500, batch_max_rows=64)
+    with BackgroundServer(settings) as server:
+        with RnnServeClient(server.target, timeout_s=0.1) as hasty, pytest.raises(grpc.RpcError) as error:
+            hasty.classify("sentiment", ["will anyone wait for me"])
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        plane = server.running.dataplane
+        batcher = plane.batcher(plane.model("sentiment"))
+        for _ in range(50):
+            if batcher.stats.expired:
+                break
+            time.sleep(0.05)
+        assert batcher.stats.expired == 1 and batcher.stats.jobs == 0
+        with RnnServeClient(server.target, timeout_s=10) as patient:
+            assert patient.classify("sentiment", ["I can wait"])[0].label
+        assert batcher.stats.jobs == 1
