@@ -19,6 +19,58 @@ from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+def audio_request(model: str, clips: list, sample_rate_hz: int, version: str, top_k: int) -> pb.ClassifyRequest:
+    audio = []
+    for clip in clips:
+        if isinstance(clip, bytes | bytearray):
+            audio.append(pb.AudioClip(file=bytes(clip)))
+        else:
+            audio.append(pb.AudioClip(samples=pb.FloatSamples(values=list(map(float, clip))),
+                                      sample_rate_hz=sample_rate_hz))
+    return pb.ClassifyRequest(model=model, version=version, audio=audio, top_k=top_k)
+
+
+class AsyncRnnServeClient:
+    """The same calls for asyncio code:
+
+        async with AsyncRnnServeClient("127.0.0.1:50051") as client:
+            results = await client.classify("sentiment", ["what a wonderful flight"])
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = rnnserve_pb2_grpc.RnnServeStub(self.channel)
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def list_models(self) -> list[pb.ModelSummary]:
+        reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        return list(reply.models)
+
+    async def get_model(self, name: str, version: str = "") -> pb.ModelInfo:
+        return await self.stub.GetModel(pb.GetModelRequest(name=name, version=version), timeout=self.timeout_s,
+                                        metadata=self.metadata)
+
+    async def classify(self, model: str, texts: list[str], version: str = "", top_k: int = 0
+                       ) -> list[pb.Classification]:
+        request = pb.ClassifyRequest(model=model, version=version, texts=texts, top_k=top_k)
+        return list((await self.stub.Classify(request, timeout=self.timeout_s, metadata=self.metadata)).results)
+
+    async def classify_audio(self, model: str, clips: list, sample_rate_hz: int = 0, version: str = "",
+                             top_k: int = 0) -> list[pb.Classification]:
+        request = audio_request(model, clips, sample_rate_hz, version, top_k)
+        return list((await self.stub.Classify(request, timeout=self.timeout_s, metadata=self.metadata)).results)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncRnnServeClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+
 class _BearerToken(grpc.UnaryUnaryClientInterceptor):
     """Adds `authorization: Bearer <token>` to every call."""
 
@@ -63,14 +115,7 @@ class RnnServeClient:
     ) -> list[pb.Classification]:
         """clips: encoded files (WAV/FLAC/OGG bytes), or float sample arrays in [-1, 1] at
         sample_rate_hz (numpy arrays or lists)."""
-        audio = []
-        for clip in clips:
-            if isinstance(clip, bytes | bytearray):
-                audio.append(pb.AudioClip(file=bytes(clip)))
-            else:
-                audio.append(pb.AudioClip(samples=pb.FloatSamples(values=list(map(float, clip))),
-                                          sample_rate_hz=sample_rate_hz))
-        request = pb.ClassifyRequest(model=model, version=version, audio=audio, top_k=top_k)
+        request = audio_request(model, clips, sample_rate_hz, version, top_k)
         return list(self.stub.Classify(request, timeout=self.timeout_s).results)
 
     def close(self) -> None:

@@ -71,3 +71,21 @@ def test_a_stream_without_the_token_is_refused(server):
     client.stop_stream()
     client.close()
     assert result is None and "UNAUTHENTICATED" in str(error)
+
+
+def test_asyncio_client_with_many_concurrent_calls(server):
+    import asyncio
+
+    from serving.grpc.client import AsyncRnnServeClient
+
+    async def main():
+        async with AsyncRnnServeClient(server.target, token=TOKEN) as client:
+            names = [m.name for m in await client.list_models()]
+            results = await asyncio.gather(*(client.classify("sentiment", [f"text number {i}"]) for i in range(20)))
+            info = await client.get_model("keywords")
+            audio = await client.classify_audio("keywords", [[0.0] * 16000], sample_rate_hz=16000)
+        return names, results, info, audio
+
+    names, results, info, audio = asyncio.run(main())
+    assert "sentiment" in names and len(results) == 20 and all(r[0].label for r in results)
+    assert info.limits.sample_rate_hz == 16000 and audio[0].label == "_silence_"
