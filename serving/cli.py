@@ -54,8 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         settings.bearer_token()
+        settings.server_credentials()
     except (OSError, ValueError) as error:
-        print(f"error: auth token: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         return serve(settings)

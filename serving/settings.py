@@ -36,6 +36,11 @@ class ServerSettings(BaseSettings):
     auth_token_file: Path | None = Field(
         None, description="Read the bearer token from this file instead (keeps it out of the process list)."
     )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS instead of plaintext.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mutual TLS)."
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (none: off; 0 picks one)."
     )
@@ -51,3 +56,19 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"{self.auth_token_file}: empty token file")
             return token
         return self.auth_token or None
+
+    def server_credentials(self):
+        """grpc.ServerCredentials for TLS / mutual TLS, or None for plaintext."""
+        if self.tls_cert_file is None and self.tls_key_file is None:
+            if self.tls_client_ca_file is not None:
+                raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+            return None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        import grpc
+
+        client_ca = self.tls_client_ca_file.read_bytes() if self.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None,
+        )

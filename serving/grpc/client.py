@@ -93,8 +93,16 @@ class _CallDetails(
 
 
 class RnnServeClient:
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None,
+        tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
+    ):
+        """tls_ca (PEM) turns on TLS; tls_cert and tls_key add a client certificate (mutual TLS)."""
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         if token:
             self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = rnnserve_pb2_grpc.RnnServeStub(self.channel)

@@ -79,8 +79,9 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
         [typed.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    credentials = settings.server_credentials()
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:  # grpc reports a failed bind this way
         raise OSError(f"cannot bind {address}: {error}") from None
     if port == 0:

@@ -1,0 +1,65 @@
+"""TLS and mutual TLS from certificate files made here with openssl."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from serving.grpc.client import RnnServeClient
+from serving.grpc.server import BackgroundServer
+from serving.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    folder = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=rnnserve test CA", cwd=folder)
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, extension in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", *extension, cwd=folder)
+    return folder
+
+
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki):
+    settings = ServerSettings(models=ROOT / "models", port=0, tls_cert_file=pki / "server.crt",
+                              tls_key_file=pki / "server.key")
+    with BackgroundServer(settings) as server:
+        with RnnServeClient(server.target, tls_ca=(pki / "ca.crt").read_bytes()) as client:
+            assert client.classify("sentiment", ["secure and happy"])[0].label
+        with RnnServeClient(server.target, timeout_s=5) as plaintext, pytest.raises(grpc.RpcError) as error:
+            plaintext.list_models()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_needs_a_client_certificate(pki):
+    settings = ServerSettings(models=ROOT / "models", port=0, tls_cert_file=pki / "server.crt",
+                              tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt")
+    ca = (pki / "ca.crt").read_bytes()
+    with BackgroundServer(settings) as server:
+        with RnnServeClient(server.target, tls_ca=ca, tls_cert=(pki / "client.crt").read_bytes(),
+                            tls_key=(pki / "client.key").read_bytes()) as client:
+            assert client.list_models()
+        with RnnServeClient(server.target, tls_ca=ca, timeout_s=5) as anonymous, pytest.raises(grpc.RpcError) as error:
+            anonymous.list_models()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_half_a_tls_configuration_is_refused(pki):
+    with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
+        ServerSettings(tls_cert_file=pki / "server.crt").server_credentials()
+    with pytest.raises(ValueError, match="tls_client_ca_file needs"):
+        ServerSettings(tls_client_ca_file=pki / "ca.crt").server_credentials()
