@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}", dest=name, type=type(default) if default is not None else str,
             metavar=name.upper(), help=f"{info.description} (default {shown}; env RNNSERVE_{name.upper()})",
         )
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="TOML file of settings (same names as the flags, with underscores); "
+                       "environment variables override it, flags override both")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text, or one JSON object per line for log collectors (default text)")
     serve.set_defaults(handler=_serve)
 
     try:
@@ -44,10 +50,16 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.grpc.server import serve
     from serving.settings import ServerSettings
 
-    overrides = {name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name) is not None}
-    configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name) is not None}
+    configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      json_lines=args.log_format == "json")
     try:
-        settings = ServerSettings(**overrides)
+        from_file = _config_file(args.config) if args.config else {}
+    except (OSError, ValueError) as error:
+        print(f"error: {args.config}: {error}", file=sys.stderr)
+        return 2
+    try:
+        settings = ServerSettings(**{**from_file, **flags})
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         print(f"error: {problems}", file=sys.stderr)
@@ -65,8 +77,37 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def configure_logging(level: str | int, fmt: str) -> None:
+def _config_file(path: Path) -> dict:
+    """Settings from a TOML file, minus those an RNNSERVE_* environment variable sets."""
+    import os
+    import tomllib
+
+    from serving.settings import ServerSettings
+
+    with open(path, "rb") as handle:
+        values = tomllib.load(handle)
+    unknown = sorted(set(values) - set(ServerSettings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {', '.join(ServerSettings.model_fields)}")
+    return {key: value for key, value in values.items() if f"RNNSERVE_{key.upper()}" not in os.environ}
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str | int, fmt: str, json_lines: bool = False) -> None:
     logging.basicConfig(level=level, format=fmt)
+    if json_lines:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_JsonLines())
     # The ONNX graph optimiser reports every rewrite at INFO.
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
