@@ -111,6 +111,11 @@ class StreamingLogMel:
 MAX_SOURCE_RATE_HZ = 384_000
 
 
+def pcm16_to_float(samples: np.ndarray) -> np.ndarray:
+    """Signed 16-bit samples (any shape) as float32 in [-1, 1)."""
+    return np.asarray(samples).astype(np.float32) / 32768.0
+
+
 def decode_clip(
     field: str, target_rate_hz: int, max_seconds: float, *, file: bytes | None = None,
     pcm16: bytes | None = None, samples: np.ndarray | None = None, sample_rate_hz: int = 0,
@@ -138,7 +143,7 @@ def decode_clip(
         if pcm16 is not None:
             if len(pcm16) % 2:
                 raise InvalidInput(f"{field}.pcm16: {len(pcm16)} bytes, not a whole number of 16-bit samples")
-            audio = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+            audio = pcm16_to_float(np.frombuffer(pcm16, dtype="<i2"))
         else:
             audio = np.asarray(samples, dtype=np.float32)
             if not np.isfinite(audio).all():

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 import torch
 
-from serving.audio import FrontendConfig, LogMel
+from serving.audio import FrontendConfig, LogMel, pcm16_to_float
 from serving.card import (
     AudioPreprocessing,
     ExportInfo,
@@ -34,6 +34,7 @@ from serving.card import (
     TextPreprocessing,
 )
 from serving.text import TextEncoder
+from training.keywords import clip_features
 from training.models.classifier import ClassifierConfig, RNNClassifier
 from training.quantize import quantize_and_measure
 from training.step import StateTensor, StepModel
@@ -174,7 +175,7 @@ def audio_batches(frontend: LogMel, clips: np.ndarray) -> list[tuple[np.ndarray,
     rng = np.random.default_rng(0)
     batches = []
     for start in range(0, len(clips), 64):
-        features = frontend(clips[start : start + 64].astype(np.float32) / 32768.0)
+        features = frontend(pcm16_to_float(clips[start : start + 64]))
         lengths = np.where(rng.random(len(features)) < 0.5, rng.integers(1, features.shape[1] + 1, len(features)),
                            features.shape[1]).astype(np.int64)
         for row, length in enumerate(lengths):
@@ -330,9 +331,9 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
         clips, labels = np.load(run_dir / "test_clips.npy"), np.load(run_dir / "test_labels.npy")
         spread = np.linspace(0, len(clips) - 1, min(PARITY_EXAMPLES, len(clips))).astype(int)
         batches = audio_batches(frontend, clips[spread])
-        full = [(frontend(clips[i : i + 64].astype(np.float32) / 32768.0),
-                 np.full(len(clips[i : i + 64]), frontend_config.frames_for(clips.shape[1]), np.int64))
-                for i in range(0, len(clips), 64)]
+        features = clip_features(frontend, clips)
+        full = [(features[i : i + 64], np.full(len(features[i : i + 64]), features.shape[1], np.int64))
+                for i in range(0, len(features), 64)]
     else:
         max_tokens = run["train_config"]["max_tokens"]
         encoder = TextEncoder.from_file(run_dir / "tokenizer.json", max_tokens=max_tokens, pad_id=config.pad_id)

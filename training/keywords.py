@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from serving.audio import FrontendConfig, LogMel
+from serving.audio import pcm16_to_float as to_float
 from serving.card import EvaluationMetrics
 from training import distributed
 from training.augment import AugmentConfig, Augmenter
@@ -77,11 +78,8 @@ def clip_logits(frame_logits: torch.Tensor, ranges: list[tuple[int, int]], pooli
     return torch.stack([frame_logits[:, first : last + 1].amax(dim=1) for first, last in ranges], dim=1)
 
 
-def to_float(clips: np.ndarray) -> np.ndarray:
-    return clips.astype(np.float32) / 32768.0
-
-
-def _features(frontend: LogMel, clips: np.ndarray, chunk: int = 512) -> np.ndarray:
+def clip_features(frontend: LogMel, clips: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Log-mel features [N, T, F] of int16 clips [N, S], computed `chunk` clips at a time."""
     if len(clips) == 0:
         return frontend(to_float(clips))
     return np.concatenate([frontend(to_float(clips[i : i + chunk])) for i in range(0, len(clips), chunk)])
@@ -144,8 +142,8 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
     frontend = LogMel(frontend_config)
     clip_samples = data.clips.shape[1]
     frames_per_clip = frontend.config.frames_for(clip_samples)
-    features = {part: _features(frontend, data.clips[index[part]]) for part in ("validation", "test", "test_seen")}
-    train_features = _features(frontend, data.clips[index["train"]])
+    features = {part: clip_features(frontend, data.clips[index[part]]) for part in ("validation", "test", "test_seen")}
+    train_features = clip_features(frontend, data.clips[index["train"]])
     mean, std = train_features.mean(axis=(0, 1)), train_features.std(axis=(0, 1)) + 1e-5
 
     model_config = ClassifierConfig(num_classes=len(data.label_names), feature_dim=frontend.config.mel_bands,

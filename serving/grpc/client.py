@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 
 import grpc
+import numpy as np
 
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
@@ -25,7 +26,7 @@ def audio_request(model: str, clips: list, sample_rate_hz: int, version: str, to
         if isinstance(clip, bytes | bytearray):
             audio.append(pb.AudioClip(file=bytes(clip)))
         else:
-            audio.append(pb.AudioClip(samples=pb.FloatSamples(values=list(map(float, clip))),
+            audio.append(pb.AudioClip(samples=pb.FloatSamples(values=np.asarray(clip, np.float32).tolist()),
                                       sample_rate_hz=sample_rate_hz))
     return pb.ClassifyRequest(model=model, version=version, audio=audio, top_k=top_k)
 
