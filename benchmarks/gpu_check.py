@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serving.runtime import resolve_providers  # noqa: E402  (numpy + onnxruntime only)
+from serving.runtime import cuda_unavailable, resolve_providers  # noqa: E402  (numpy + onnxruntime only)
 
 TOLERANCE = 1e-3  # CUDA kernels sum in another order than CPU ones
 
@@ -111,6 +111,7 @@ def main() -> int:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "available_providers": available,
+        "cuda_probe": cuda_unavailable(0) or "GPU 0 answers",
         "auto_providers": [p if isinstance(p, str) else p[0] for p in resolve_providers("auto")],
         "models": [],
         "failures": [],
@@ -120,7 +121,7 @@ def main() -> int:
     if expected not in available:
         report["failures"].append("this onnxruntime has no CUDAExecutionProvider")
     else:
-        cuda = resolve_providers(args.device)
+        cuda = list(resolve_providers(args.device))
         rng = np.random.default_rng(0)
         for card_path in sorted(args.models.glob("*/*/model.json")):
             try:

@@ -20,7 +20,7 @@ from serving.audio import LogMel
 from serving.card import ModelCard
 from serving.errors import ModelLoadError
 from serving.onnx_files import self_contained
-from serving.runtime import OnnxSession, resolve_providers
+from serving.runtime import CPU_DEFAULTS, OnnxSession, RuntimeOptions
 from serving.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,13 @@ def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
     return path.read_bytes()
 
 
-def _session(folder: Path, name: str, providers: list, intra_op_threads: int) -> OnnxSession:
+def _session(folder: Path, name: str, runtime: RuntimeOptions) -> OnnxSession:
     label = str(folder / name)
     model_bytes = self_contained(_read_file(folder, name), folder, label)
-    return OnnxSession(model_bytes, providers, intra_op_threads, label=label)
+    return OnnxSession(model_bytes, runtime, label=label)
 
 
-def load_version(name: str, folder: Path, providers: list, intra_op_threads: int = 0) -> ModelVersion:
+def load_version(name: str, folder: Path, runtime: RuntimeOptions = CPU_DEFAULTS) -> ModelVersion:
     if folder.is_symlink():
         raise ModelLoadError(f"{folder}: symbolic links are refused")
     card_bytes = _read_file(folder, "model.json", required=False)
@@ -120,13 +120,13 @@ def load_version(name: str, folder: Path, providers: list, intra_op_threads: int
                     f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
                 )
                 raise ModelLoadError(f"{folder / 'model.json'}: {problems}") from None
-    session = _session(folder, "model.onnx", providers, intra_op_threads)
+    session = _session(folder, "model.onnx", runtime)
     version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
     if card is not None:
         _check_card_against_graph(version)
     if card is not None and card.streaming is not None:
         step_file = card.streaming.graph
-        version.step_session = _session(folder, step_file, providers, intra_op_threads)
+        version.step_session = _session(folder, step_file, runtime)
         _check_step_graph(version)
     if card is not None and card.preprocessing.kind == "log_mel":
         version.frontend = LogMel(card.preprocessing.frontend())
@@ -173,11 +173,10 @@ def _check_step_graph(version: ModelVersion) -> None:
             raise ModelLoadError(f"{where}: state {state.name} -> {state.output} is not in {spec.graph}")
 
 
-def load_repository(root: Path, device: str = "auto", intra_op_threads: int = 0) -> dict[str, ModelEntry]:
+def load_repository(root: Path, runtime: RuntimeOptions = CPU_DEFAULTS) -> dict[str, ModelEntry]:
     """Load every model under root; failures are recorded per version, never raised."""
     if not root.is_dir():
         raise ModelLoadError(f"{root}: the model repository folder does not exist")
-    providers = resolve_providers(device)
     entries: dict[str, ModelEntry] = {}
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
@@ -190,9 +189,7 @@ def load_repository(root: Path, device: str = "auto", intra_op_threads: int = 0)
             if not version_dir.name.isdigit():
                 continue
             try:
-                entry.versions[version_dir.name] = load_version(
-                    model_dir.name, version_dir, providers, intra_op_threads
-                )
+                entry.versions[version_dir.name] = load_version(model_dir.name, version_dir, runtime)
             except ModelLoadError as error:
                 entry.failures[version_dir.name] = str(error)
                 log.error("model %s version %s not loaded: %s", model_dir.name, version_dir.name, error)

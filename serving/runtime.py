@@ -28,33 +28,99 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def resolve_providers(device: str) -> list[str | tuple[str, dict]]:
-    """Providers for `auto | cpu | cuda[:N]`; auto takes CUDA when this onnxruntime has it."""
+GRAPH_OPTIMIZATION = {
+    "disable": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How every session of a server is built: providers and session options."""
+
+    providers: tuple = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0
+    graph_optimization: str = "all"
+
+    def session_options(self) -> onnxruntime.SessionOptions:
+        options = onnxruntime.SessionOptions()
+        if self.intra_op_threads:
+            options.intra_op_num_threads = self.intra_op_threads
+        options.graph_optimization_level = GRAPH_OPTIMIZATION[self.graph_optimization]
+        return options
+
+
+CPU_DEFAULTS = RuntimeOptions()
+
+
+def _probe_graph() -> bytes:
+    """A one-node graph (y = x + x) to ask a provider whether it answers."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def cuda_unavailable(device_id: int = 0) -> str | None:
+    """None when CUDA device `device_id` runs a graph through ONNX Runtime, else why not."""
     available = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)})"
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # the failure is reported here, not as an ORT warning
+    try:
+        session = onnxruntime.InferenceSession(
+            _probe_graph(), sess_options=options,
+            providers=[("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"],
+        )
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            return f"ONNX Runtime could not start CUDA device {device_id} and fell back to CPU"
+        x = np.arange(4, dtype=np.float32)
+        if not np.array_equal(session.run(None, {"x": x})[0], x + x):
+            return f"CUDA device {device_id} returned a wrong result for a probe graph"
+    except Exception as error:  # ONNX Runtime raises its own exception types
+        return f"CUDA device {device_id} does not answer: {error}"
+    return None
+
+
+def resolve_providers(device: str) -> tuple:
+    """Providers for `auto | cpu | cuda[:N]`.
+
+    cuda[:N] must work or loading fails; auto takes CUDA device 0 when this onnxruntime
+    offers it and the device runs a probe graph, else CPU. The choice is logged.
+    """
     if device == "cpu":
-        return ["CPUExecutionProvider"]
+        log.info("device cpu: CPUExecutionProvider")
+        return ("CPUExecutionProvider",)
     if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available:
-            raise ModelLoadError(
-                f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}); install rnnserve[gpu]"
-            )
         device_id = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        problem = cuda_unavailable(device_id)
+        if problem:
+            raise ModelLoadError(f"--device {device}: {problem}; install rnnserve[gpu] on a host with a GPU")
+        log.info("device %s: CUDAExecutionProvider on GPU %d", device, device_id)
+        return (("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider")
+    problem = cuda_unavailable(0)
+    if problem is None:
+        log.info("device auto: CUDA answers, using CUDAExecutionProvider on GPU 0")
+        return (("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider")
+    log.info("device auto: using CPUExecutionProvider (%s)", problem)
+    return ("CPUExecutionProvider",)
 
 
 class OnnxSession:
     """One loaded ONNX graph. Built from bytes so nothing is read beside the checked file."""
 
-    def __init__(self, model_bytes: bytes, providers: list, intra_op_threads: int = 0, label: str = ""):
-        options = onnxruntime.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+    def __init__(self, model_bytes: bytes, runtime: RuntimeOptions = CPU_DEFAULTS, label: str = ""):
         try:
-            self._session = onnxruntime.InferenceSession(model_bytes, sess_options=options, providers=providers)
+            self._session = onnxruntime.InferenceSession(
+                model_bytes, sess_options=runtime.session_options(), providers=list(runtime.providers)
+            )
         except Exception as error:  # ONNX Runtime raises its own exception types for bad graphs
             raise ModelLoadError(f"{label}: ONNX Runtime cannot load it: {error}") from error
         self.provider = self._session.get_providers()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,9 @@ class ServerSettings(BaseSettings):
         description="Execution provider: auto takes CUDA when available, else CPU.",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: runtime default).")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimization level for every session: disable, basic, extended or all."
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted.")
     grace_period_s: float = Field(10.0, ge=0, description="On SIGTERM, time in-flight work gets to finish.")
     worker_threads: int = Field(
@@ -47,6 +51,12 @@ class ServerSettings(BaseSettings):
     queue_max_rows: int = Field(
         4096, gt=0, description="Rows allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED."
     )
+
+    def runtime_options(self):
+        """Providers (after probing the device) and session options for every model."""
+        from serving.runtime import RuntimeOptions, resolve_providers
+
+        return RuntimeOptions(resolve_providers(self.device), self.intra_op_threads, self.graph_optimization)
 
     def bearer_token(self) -> str | None:
         """The token clients must send, from auth_token or auth_token_file; None when open."""

@@ -86,7 +86,7 @@ def test_train_on_own_csv_and_serve_it(tmp_path):
     trained = _run([*RNNSERVE, "train", "--data", str(tmp_path / "reviews.csv"), "--quick", "--epochs", "5",
                     "--runs-dir", str(tmp_path / "runs"), "--export-to", str(models)])
     assert trained.returncode == 0, trained.stderr
-    model, predictions = DataPlane(load_repository(models, device="cpu")).classify_texts(
+    model, predictions = DataPlane(load_repository(models)).classify_texts(
         "reviews", "", ["the food superb lovely", "rude service late"]
     )
     assert model.card.labels == ["bad", "good"]

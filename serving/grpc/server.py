@@ -49,7 +49,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
     if dataplane is None:
         dataplane = DataPlane(
-            load_repository(settings.models, settings.device, settings.intra_op_threads),
+            load_repository(settings.models, settings.runtime_options()),
             BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")

@@ -31,7 +31,7 @@ def test_concurrent_requests_share_calls_and_equal_unbatched_results():
     settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=20, batch_max_rows=64)
     rng = np.random.default_rng(0)
     requests = [_texts(rng, int(rng.integers(1, 6))) for _ in range(40)]
-    alone = DataPlane(load_repository(ROOT / "models", device="cpu"), batching=None)
+    alone = DataPlane(load_repository(ROOT / "models"), batching=None)
     expected = [[p.probabilities for p in alone.classify_texts("sentiment", "", texts)[1]] for texts in requests]
     with BackgroundServer(settings) as server, RnnServeClient(server.target) as client:
         start = threading.Barrier(len(requests))
@@ -50,7 +50,7 @@ def test_concurrent_requests_share_calls_and_equal_unbatched_results():
 
 
 def test_a_request_over_the_queue_bound_is_resource_exhausted():
-    plane = DataPlane(load_repository(ROOT / "models", device="cpu"), BatchingConfig(max_queue_rows=2))
+    plane = DataPlane(load_repository(ROOT / "models"), BatchingConfig(max_queue_rows=2))
     try:
         with pytest.raises(ResourceExhausted, match="queue full .* limit 2"):
             plane.classify_texts("sentiment", "", ["one", "two", "three"])

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bundled_repository_serves_sentiment():
-    entries = load_repository(ROOT / "models", device="cpu")
+    entries = load_repository(ROOT / "models")
     assert entries["sentiment"].ready, entries["sentiment"].reason
     model, predictions = DataPlane(entries).classify_texts("sentiment", "", ["what a wonderful flight"])
     assert model.card.labels == ["negative", "neutral", "positive"]
@@ -36,7 +36,7 @@ def test_truncated_model_is_not_ready_and_others_serve(model_repository, tmp_pat
     broken = _copy_version(model_repository, tmp_path, "broken")
     data = (broken / "model.onnx").read_bytes()
     (broken / "model.onnx").write_bytes(data[: len(data) // 3])
-    entries = load_repository(tmp_path, device="cpu")
+    entries = load_repository(tmp_path)
     assert entries["good"].ready
     assert not entries["broken"].ready and "model.onnx" in entries["broken"].reason
     with pytest.raises(ModelNotReady, match="broken"):
@@ -48,7 +48,7 @@ def test_card_that_disagrees_with_the_graph_is_refused(model_repository, tmp_pat
     card = json.loads((folder / "model.json").read_text())
     card["labels"].append("surprised")
     (folder / "model.json").write_text(json.dumps(card))
-    entry = load_repository(tmp_path, device="cpu")["sentiment"]
+    entry = load_repository(tmp_path)["sentiment"]
     assert not entry.ready and "4 labels but the graph outputs 3 classes" in entry.reason
 
 
@@ -57,7 +57,7 @@ def test_invalid_card_names_the_field(model_repository, tmp_path):
     card = json.loads((folder / "model.json").read_text())
     del card["preprocessing"]
     (folder / "model.json").write_text(json.dumps(card))
-    entry = load_repository(tmp_path, device="cpu")["sentiment"]
+    entry = load_repository(tmp_path)["sentiment"]
     assert not entry.ready and "model.json: preprocessing" in entry.reason
 
 
@@ -67,7 +67,7 @@ def test_symlinked_and_hard_linked_files_are_refused(model_repository, tmp_path)
     (linked / "model.onnx").symlink_to(model_repository / "sentiment" / "1" / "model.onnx")
     hard = _copy_version(model_repository, tmp_path, "hard")
     os.link(hard / "model.onnx", tmp_path / "elsewhere.onnx")
-    entries = load_repository(tmp_path, device="cpu")
+    entries = load_repository(tmp_path)
     assert "symbolic links are refused" in entries["linked"].reason
     assert "more than one hard link" in entries["hard"].reason
 
@@ -76,7 +76,7 @@ def test_plain_onnx_model_without_card_loads_as_tensor_model(model_repository, t
     folder = tmp_path / "plain" / "3"
     folder.mkdir(parents=True)
     shutil.copy(model_repository / "sentiment" / "1" / "model.onnx", folder / "model.onnx")
-    entry = load_repository(tmp_path, device="cpu")["plain"]
+    entry = load_repository(tmp_path)["plain"]
     assert entry.ready and entry.versions["3"].task == "tensor"
 
 
@@ -84,7 +84,7 @@ def test_latest_version_is_served_by_default(model_repository, tmp_path):
     _copy_version(model_repository, tmp_path)
     shutil.copytree(tmp_path / "sentiment" / "1", tmp_path / "sentiment" / "10")
     shutil.copytree(tmp_path / "sentiment" / "1", tmp_path / "sentiment" / "2")
-    plane = DataPlane(load_repository(tmp_path, device="cpu"))
+    plane = DataPlane(load_repository(tmp_path))
     assert plane.model("sentiment").version == "10"
     assert plane.model("sentiment", "2").version == "2"
 
@@ -120,7 +120,7 @@ def test_external_data_inside_the_folder_loads_and_is_read_by_the_loader(tmp_pat
     _tiny_external_model(folder, "weights/w.bin", folder / "weights" / "w.bin")
     # ONNX Runtime never resolves paths itself: run from another directory.
     monkeypatch.chdir(tmp_path)
-    version = load_repository(tmp_path / "repo", device="cpu")["tiny"].versions["1"]
+    version = load_repository(tmp_path / "repo")["tiny"].versions["1"]
     (y,) = version.session.run({"x": np.ones((1, 4), np.float32)})
     np.testing.assert_array_equal(y, [[1, 2, 3, 4]])
 
@@ -143,7 +143,7 @@ def test_hostile_external_data_is_refused_without_reading_outside(tmp_path, loca
     (folder / "link").symlink_to(tmp_path)
     os.link(outside, folder / "hard.bin")
     _tiny_external_model(repo / "fine" / "1", "w.bin", repo / "fine" / "1" / "w.bin")
-    entries = load_repository(repo, device="cpu")
+    entries = load_repository(repo)
     assert entries["fine"].ready
     assert not entries["hostile"].ready
     assert problem in entries["hostile"].reason and "model.onnx" in entries["hostile"].reason
@@ -154,7 +154,7 @@ def test_non_onnx_bytes_are_refused_and_others_serve(model_repository, tmp_path,
     _copy_version(model_repository, tmp_path, "good")
     (tmp_path / "junk" / "1").mkdir(parents=True)
     (tmp_path / "junk" / "1" / "model.onnx").write_bytes(content)
-    entries = load_repository(tmp_path, device="cpu")
+    entries = load_repository(tmp_path)
     assert entries["good"].ready
     assert not entries["junk"].ready and "not an ONNX model" in entries["junk"].reason
 
@@ -169,16 +169,16 @@ def test_card_file_names_cannot_leave_the_folder(model_repository, tmp_path, fie
     card = json.loads((folder / "model.json").read_text())
     card[field[0]][field[1]] = value
     (folder / "model.json").write_text(json.dumps(card))
-    entry = load_repository(tmp_path, device="cpu")["sentiment"]
+    entry = load_repository(tmp_path)["sentiment"]
     assert not entry.ready and "not a plain file name" in entry.reason
 
 
 def test_streaming_version_loads_its_step_graph_and_a_mismatched_one_is_refused(model_repository, tmp_path):
     folder = _copy_version(model_repository, tmp_path)
-    version = load_repository(tmp_path, device="cpu")["sentiment"].versions["1"]
+    version = load_repository(tmp_path)["sentiment"].versions["1"]
     assert version.streaming and {s.name for s in version.card.streaming.state} >= {"state_h", "state_c"}
     card = json.loads((folder / "model.json").read_text())
     card["streaming"]["state"][0]["output"] = "nowhere"
     (folder / "model.json").write_text(json.dumps(card))
-    entry = load_repository(tmp_path, device="cpu")["sentiment"]
+    entry = load_repository(tmp_path)["sentiment"]
     assert not entry.ready and "state_h -> nowhere" in entry.reason

@@ -112,7 +112,7 @@ def test_quick_keywords_run_trains_evaluates_seen_unseen_and_streamed_and_export
     assert exported.returncode == 0, exported.stderr[-3000:]
     from serving.repository import load_repository
 
-    entry = load_repository(tmp_path / "models", device="cpu")["keywords"]
+    entry = load_repository(tmp_path / "models")["keywords"]
     assert entry.ready, entry.failures
     version = entry.versions["1"]
     assert version.task == "keyword_spotting" and version.card.preprocessing.kind == "log_mel"

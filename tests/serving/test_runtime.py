@@ -1,0 +1,67 @@
+"""Execution-provider choice and session options, on whatever onnxruntime this host has."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from serving.dataplane import DataPlane
+from serving.errors import ModelLoadError
+from serving.repository import load_repository
+from serving.runtime import GRAPH_OPTIMIZATION, RuntimeOptions, cuda_unavailable, resolve_providers
+from serving.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def test_cpu_is_cpu():
+    assert resolve_providers("cpu") == ("CPUExecutionProvider",)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime offers CUDA: the fallback is not reachable")
+def test_auto_falls_back_to_cpu_and_says_why(caplog):
+    reason = cuda_unavailable(0)
+    assert reason is not None and "CUDAExecutionProvider" in reason
+    with caplog.at_level(logging.INFO, logger="serving.runtime"):
+        assert resolve_providers("auto") == ("CPUExecutionProvider",)
+    assert "device auto: using CPUExecutionProvider" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime offers CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_explicit_cuda_without_it_is_a_clear_error(device):
+    with pytest.raises(ModelLoadError, match=rf"--device {device}: .*no CUDAExecutionProvider.*rnnserve\[gpu\]"):
+        resolve_providers(device)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu")
+def test_auto_takes_a_cuda_device_that_answers():
+    assert cuda_unavailable(0) is None
+    assert resolve_providers("auto")[0][0] == "CUDAExecutionProvider"
+    assert "does not answer" in cuda_unavailable(999) or "fell back" in cuda_unavailable(999)
+
+
+def test_settings_carry_session_options():
+    settings = ServerSettings(device="cpu", intra_op_threads=1, graph_optimization="basic")
+    options = settings.runtime_options().session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with pytest.raises(ValueError, match="graph_optimization"):
+        ServerSettings(graph_optimization="max")
+
+
+def test_every_optimization_level_gives_the_same_predictions():
+    texts = ["what a wonderful flight", "the worst delay ever, lost my bag", "ok", "meh " * 40]
+    results = {}
+    for level in GRAPH_OPTIMIZATION:
+        plane = DataPlane(load_repository(ROOT / "models", RuntimeOptions(graph_optimization=level)), batching=None)
+        _, predictions = plane.classify_texts("sentiment", "", texts)
+        results[level] = np.stack([p.probabilities for p in predictions])
+        plane.close()
+    for level, probabilities in results.items():
+        np.testing.assert_allclose(probabilities, results["all"], atol=1e-5, err_msg=level)
