@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -45,6 +46,31 @@ class RunningServer:
         self.dataplane.metrics.close()
 
 
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One pool holding every served file: the KServe messages live in a private pool (see
+    protos/generate.py) so they coexist with tritonclient's copies; reflection needs them all."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from serving.grpc.generated.inference import inference_pb2
+    from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2
+
+    pool, added = descriptor_pool.DescriptorPool(), set()
+
+    def add(file) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for module in (rnnserve_pb2, inference_pb2, health_pb2, reflection_pb2):
+        add(module.DESCRIPTOR)
+    return pool
+
+
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
     if dataplane is None:
@@ -73,10 +99,9 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     for entry in dataplane.list_models():
         await health_servicer.set(entry.name, SERVING if entry.ready else NOT_SERVING)
 
-    # The KServe service lives in a private descriptor pool (see protos/generate.py), which
-    # reflection cannot see; its protocol is published, clients ship its definitions.
     reflection.enable_server_reflection(
-        [typed.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [typed.SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+        server, pool=_reflection_pool(),
     )
     address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
     credentials = settings.server_credentials()

@@ -127,7 +127,26 @@ def test_reflection_lists_services(server):
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"rnnserve.v1.RnnServe", "grpc.health.v1.Health"} <= names
+    assert {"rnnserve.v1.RnnServe", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize("symbol", ["rnnserve.v1.RnnServe", "inference.GRPCInferenceService",
+                                    "inference.ModelInferRequest", "grpc.health.v1.Health"])
+def test_reflection_describes_every_service(server, symbol):
+    """What grpcurl and Postman do: fetch the file defining a symbol, then its messages."""
+    from google.protobuf import descriptor_pb2
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+    assert not response.HasField("error_response"), response.error_response.error_message
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in response.file_descriptor_response.file_descriptor_proto]
+    package, _, name = symbol.rpartition(".")
+    defining = [f for f in files if f.package == package]
+    assert defining and any(name in [*(s.name for s in f.service), *(m.name for m in f.message_type)]
+                            for f in defining)
 
 
 def test_message_over_the_size_limit_is_resource_exhausted(model_repository):
