@@ -53,3 +53,49 @@ def test_serve_from_a_config_file_with_json_logs_and_exit_0_on_sigterm(tmp_path)
     assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
     messages = " ".join(entry["message"] for entry in entries)
     assert "Prometheus metrics on http://127.0.0.1:" in messages and "shutting down" in messages
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
+    """Requests held in the batcher (2 s delay) when SIGTERM comes: all of them answer, a new
+    connection is refused, and the process exits 0 inside the grace period."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from serving.grpc.client import RnnServeClient
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [*RNNSERVE, "serve", "--models", str(ROOT / "models"), "--port", "0", "--batch-max-delay-ms", "2000",
+             "--grace-period-s", "20"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (match := re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())):
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        target = f"127.0.0.1:{match.group(1)}"
+        texts = [f"flight number {i} was {'great' if i % 2 else 'awful'}" for i in range(8)]
+        with RnnServeClient(target) as client, ThreadPoolExecutor(len(texts)) as pool:
+            client.classify("sentiment", ["warm up the channel"])
+            started = time.monotonic()
+            pending = [pool.submit(client.classify, "sentiment", [text]) for text in texts]
+            time.sleep(0.5)
+            assert not any(future.done() for future in pending), "requests were not held in the batcher"
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with RnnServeClient(target) as late:
+                try:
+                    late.classify("sentiment", ["too late"])
+                    raise AssertionError("a request after SIGTERM was accepted")
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            answers = [future.result(timeout=30) for future in pending]
+        assert [len(answer) for answer in answers] == [1] * len(texts)
+        assert all(answer[0].label in {"negative", "neutral", "positive"} for answer in answers)
+        assert server.wait(timeout=20) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert "shutting down" in log_path.read_text()
