@@ -56,11 +56,13 @@ def test_serve_from_a_config_file_with_json_logs_and_exit_0_on_sigterm(tmp_path)
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
-    """Requests held in the batcher (2 s delay) when SIGTERM comes: all of them answer, a new
-    connection is refused, and the process exits 0 inside the grace period."""
+    """Requests held in the batcher (2 s delay) when SIGTERM comes: health watchers hear
+    NOT_SERVING at once, all requests answer, a new connection is refused, and the process
+    exits 0 inside the grace period."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from serving.grpc.client import RnnServeClient
 
@@ -78,12 +80,18 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
         texts = [f"flight number {i} was {'great' if i % 2 else 'awful'}" for i in range(8)]
         with RnnServeClient(target) as client, ThreadPoolExecutor(len(texts)) as pool:
             client.classify("sentiment", ["warm up the channel"])
+            watch_channel = grpc.insecure_channel(target)
+            watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             started = time.monotonic()
             pending = [pool.submit(client.classify, "sentiment", [text]) for text in texts]
             time.sleep(0.5)
             assert not any(future.done() for future in pending), "requests were not held in the batcher"
             server.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert time.monotonic() - started < 1.5, "health did not turn NOT_SERVING at once"
+            watch.cancel()
+            watch_channel.close()
             with RnnServeClient(target) as late:
                 try:
                     late.classify("sentiment", ["too late"])
