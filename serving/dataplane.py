@@ -13,6 +13,7 @@ from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
+from serving.streaming import DetectorConfig, Stream, StreamLimits, StreamManager
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,10 @@ def _padded_runs(rows: list[np.ndarray], max_rows: int, run) -> list[np.ndarray]
 
 
 class DataPlane:
-    def __init__(self, models: dict[str, ModelEntry], batching: BatchingConfig | None = BatchingConfig()):
+    def __init__(
+        self, models: dict[str, ModelEntry], batching: BatchingConfig | None = BatchingConfig(),
+        stream_limits: StreamLimits = StreamLimits(),
+    ):
         self.models = models
         # False once the server drains for shutdown: readiness probes then say no.
         self.accepting = True
@@ -61,8 +65,10 @@ class DataPlane:
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._lock = threading.Lock()
         self.metrics = Metrics()
+        self.streams = StreamManager(self.metrics, stream_limits)
 
     def close(self) -> None:
+        self.streams.close_all()
         with self._lock:
             batchers, self._batchers = list(self._batchers.values()), {}
         for batcher in batchers:
@@ -211,6 +217,22 @@ class DataPlane:
                 )
             features.append(model.frontend(samples))
         return model, self._predictions(self._scores(model, "audio", features, deadline), labels, top_k)
+
+    def open_stream(
+        self, name: str, version: str, sample_rate_hz: int = 0, detector: DetectorConfig = DetectorConfig()
+    ) -> Stream:
+        """A new stream on a model with a step graph (text or audio by the model's task)."""
+        model = self.model(name, version)
+        if not model.streaming:
+            why = "it is bidirectional" if model.card and model.card.architecture.get("bidirectional") else (
+                "it has no step graph")
+            raise InvalidInput(f"model {name!r} does not stream ({why}); send whole inputs with Classify/ModelInfer")
+        limits = self.limits(model)
+        if model.frontend is not None:
+            return self.streams.open_audio(
+                model, sample_rate_hz or model.frontend.config.sample_rate_hz, limits.max_audio_seconds, detector
+            )
+        return self.streams.open_text(model, limits.max_text_chars)
 
     def infer_tensors(
         self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,

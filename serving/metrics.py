@@ -35,7 +35,12 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
         self.active_streams = Gauge(
-            "rnnserve_active_streams", "Open streaming RPCs", registry=self.registry,
+            "rnnserve_active_streams", "Streams and sequences holding state, by model", ["model"],
+            registry=self.registry,
+        )
+        self.streams_closed = Counter(
+            "rnnserve_streams_closed", "Streams and sequences whose state was freed, by model and reason "
+            "(end, cancelled, idle, deadline, error, shutdown)", ["model", "reason"], registry=self.registry,
         )
         self._http = None
 

@@ -52,6 +52,21 @@ class ServerSettings(BaseSettings):
         4096, gt=0, description="Rows allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED."
     )
 
+    max_streams: int = Field(
+        1024, gt=0, description="Streams and KServe sequences holding state at once; beyond: RESOURCE_EXHAUSTED."
+    )
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, description="A stream or sequence without a chunk for this long is ended and its state freed."
+    )
+    stream_batch_max_rows: int = Field(
+        256, gt=0, description="Cellular batching: most stream steps in one ONNX Runtime call (1: one per call)."
+    )
+
+    def stream_limits(self):
+        from serving.streaming import StreamLimits
+
+        return StreamLimits(self.max_streams, self.stream_idle_timeout_s, self.stream_batch_max_rows)
+
     def runtime_options(self):
         """Providers (after probing the device) and session options for every model."""
         from serving.runtime import RuntimeOptions, resolve_providers

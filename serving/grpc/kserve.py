@@ -191,8 +191,7 @@ class InferenceServicer:
 
         loop = asyncio.get_running_loop()
         metrics = self.dataplane.metrics
-        metrics.active_streams.inc()
-        try:
+        if True:
             async for request in requests:
                 try:
                     response = await loop.run_in_executor(self.executor, self.infer, request)
@@ -205,8 +204,6 @@ class InferenceServicer:
                     continue
                 metrics.requests.labels("ModelStreamInfer", request.model_name, "OK").inc()
                 yield pb.ModelStreamInferResponse(infer_response=response)
-        finally:
-            metrics.active_streams.dec()
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]

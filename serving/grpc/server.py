@@ -77,6 +77,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
         dataplane = DataPlane(
             load_repository(settings.models, settings.runtime_options()),
             BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
+            settings.stream_limits(),
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     token = settings.bearer_token()

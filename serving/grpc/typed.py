@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
 
 import grpc
 import numpy as np
 
 from serving.dataplane import DataPlane
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.grpc.handlers import add_servicer
-from serving.grpc.status import deadline_of, run_call
+from serving.grpc.status import deadline_of, run_call, status_code
 from serving.repository import ModelEntry
+from serving.streaming import AudioStream, DetectorConfig, Update
 
 
 def _tensor_specs(infos) -> list[pb.TensorSpec]:
@@ -97,6 +99,140 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 for p in predictions
             ],
         )
+
+
+    async def Stream(self, requests, context):
+        """Config first, then chunks; see StreamRequest in the proto for the contract."""
+        streams = self.dataplane.streams
+        idle_s = streams.limits.idle_timeout_s
+        iterator = requests.__aiter__()
+
+        async def pull():
+            try:
+                return await anext(iterator)
+            except StopAsyncIteration:
+                return None
+
+        async def next_request():
+            return await asyncio.wait_for(pull(), idle_s)
+
+        try:
+            first = await next_request()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no config within {idle_s:g} s (stream_idle_timeout_s)")
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "config":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "chunk before config: the first message of a stream must be a config")
+        config = first.config
+        metrics = self.dataplane.metrics
+        try:
+            detector = DetectorConfig(
+                threshold=config.threshold or DetectorConfig.threshold,
+                smoothing_ms=config.smoothing_ms or DetectorConfig.smoothing_ms,
+                refractory_ms=config.refractory_ms or DetectorConfig.refractory_ms,
+            )
+            stream = self.dataplane.open_stream(config.model, config.version, config.sample_rate_hz, detector)
+            labels = stream.model.card.labels
+            if config.top_k > len(labels):
+                streams.close(stream, "error")
+                raise InvalidInput(f"config.top_k: {config.top_k} exceeds the model's {len(labels)} labels")
+        except ServingError as error:
+            metrics.requests.labels("Stream", config.model, error.code).inc()
+            await context.abort(status_code(error), str(error))
+        metrics.requests.labels("Stream", config.model, "OK").inc()
+        reason = "error"
+        report = _Reporter(stream, config)
+        try:
+            while True:
+                try:
+                    request = await next_request()
+                except TimeoutError:
+                    reason = "idle"
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"stream idle for {idle_s:g} s (limit stream_idle_timeout_s); state freed")
+                if request is None:
+                    break
+                if request.WhichOneof("kind") != "chunk":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "config: only the first message of a stream may be a config")
+                try:
+                    update = await streams.feed(stream, _chunk(request.chunk, stream))
+                except ServingError as error:
+                    await context.abort(status_code(error), str(error))
+                response = report.add(update)
+                if response is not None:
+                    yield response
+            update = await streams.feed(stream, None, last=True)
+            reason = "end"
+            yield report.add(update)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        finally:
+            streams.close(stream, reason)
+
+
+class _Reporter:
+    """Builds StreamResponses: text every chunk; audio on detections, every report_every_ms and at
+    the end, with the posterior peaks gathered since the previous response."""
+
+    def __init__(self, stream, config: pb.StreamConfig):
+        self.stream, self.config = stream, config
+        self.labels = stream.model.card.labels
+        self.peaks = None
+        self.reported_ms = 0.0
+
+    def add(self, update: Update) -> pb.StreamResponse | None:
+        stream = self.stream
+        audio = isinstance(stream, AudioStream)
+        if update.chunk_posteriors is not None:
+            peaks = update.chunk_posteriors
+            self.peaks = peaks if self.peaks is None else np.maximum(self.peaks, peaks)
+        stream_ms = stream.seconds * 1000 if audio else 0.0
+        due = stream_ms - self.reported_ms >= self.config.report_every_ms
+        if audio and not (update.final or update.detections or due):
+            return None
+        response = pb.StreamResponse(
+            model=stream.model.name, version=stream.model.version, chunks=stream.chunks, stream_ms=stream_ms,
+            tokens=getattr(stream, "tokens", 0), final=update.final,
+            detections=[
+                pb.KeywordDetection(keyword=d.keyword, start_ms=d.start_ms, end_ms=d.end_ms, confidence=d.confidence)
+                for d in update.detections
+            ],
+        )
+        if update.logits is not None:
+            p = DataPlane._predictions(update.logits[None], self.labels, self.config.top_k)[0]
+            response.running.CopyFrom(pb.Classification(
+                label=p.label, score=p.score, probabilities=p.probabilities.tolist(),
+                top=[pb.LabelScore(label=label, score=score) for label, score in p.top],
+            ))
+        if self.peaks is not None:
+            response.posteriors.extend(self.peaks.tolist())
+            self.peaks = None
+        self.reported_ms = stream_ms
+        return response
+
+
+def _chunk(chunk: pb.StreamChunk, stream):
+    """A chunk as the stream takes it: text, or float samples at the stream's input rate."""
+    kind = chunk.WhichOneof("data")
+    if isinstance(stream, AudioStream):
+        if kind == "pcm16":
+            if len(chunk.pcm16) % 2:
+                raise InvalidInput(f"chunk.pcm16: {len(chunk.pcm16)} bytes, not a whole number of 16-bit samples")
+            from serving.audio import pcm16_to_float
+
+            return pcm16_to_float(np.frombuffer(chunk.pcm16, dtype="<i2"))
+        if kind == "samples":
+            return np.asarray(chunk.samples.values, dtype=np.float32)
+        raise InvalidInput(f"chunk: model {stream.model.name!r} streams audio; send pcm16 or samples, not {kind}")
+    if kind != "text":
+        raise InvalidInput(f"chunk: model {stream.model.name!r} streams text; send text, not {kind}")
+    return chunk.text
 
 
 def _clip_arguments(clip: pb.AudioClip) -> dict:

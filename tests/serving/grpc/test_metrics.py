@@ -48,4 +48,3 @@ def test_requests_errors_queue_compute_and_batch_sizes_are_exported():
     assert _value(body, "rnnserve_queue_seconds_count", model="sentiment") == 2
     assert _value(body, "rnnserve_compute_seconds_count", model="topic") == 1
     assert _value(body, "rnnserve_request_seconds_count", method="Classify", model="sentiment") == 2
-    assert _value(body, "rnnserve_active_streams") == 0

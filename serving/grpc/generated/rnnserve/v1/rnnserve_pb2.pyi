@@ -163,3 +163,75 @@ class ClassifyResponse(_message.Message):
     version: str
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("config", "chunk")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    chunk: StreamChunk
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., chunk: _Optional[_Union[StreamChunk, _Mapping]] = ...) -> None: ...
+
+class StreamConfig(_message.Message):
+    __slots__ = ("model", "version", "sample_rate_hz", "threshold", "smoothing_ms", "refractory_ms", "report_every_ms", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_MS_FIELD_NUMBER: _ClassVar[int]
+    REFRACTORY_MS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_MS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    sample_rate_hz: int
+    threshold: float
+    smoothing_ms: int
+    refractory_ms: int
+    report_every_ms: int
+    top_k: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., threshold: _Optional[float] = ..., smoothing_ms: _Optional[int] = ..., refractory_ms: _Optional[int] = ..., report_every_ms: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class StreamChunk(_message.Message):
+    __slots__ = ("text", "pcm16", "samples")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PCM16_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    pcm16: bytes
+    samples: FloatSamples
+    def __init__(self, text: _Optional[str] = ..., pcm16: _Optional[bytes] = ..., samples: _Optional[_Union[FloatSamples, _Mapping]] = ...) -> None: ...
+
+class KeywordDetection(_message.Message):
+    __slots__ = ("keyword", "start_ms", "end_ms", "confidence")
+    KEYWORD_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    keyword: str
+    start_ms: float
+    end_ms: float
+    confidence: float
+    def __init__(self, keyword: _Optional[str] = ..., start_ms: _Optional[float] = ..., end_ms: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("model", "version", "chunks", "stream_ms", "tokens", "running", "detections", "posteriors", "final")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    POSTERIORS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    chunks: int
+    stream_ms: float
+    tokens: int
+    running: Classification
+    detections: _containers.RepeatedCompositeFieldContainer[KeywordDetection]
+    posteriors: _containers.RepeatedScalarFieldContainer[float]
+    final: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., chunks: _Optional[int] = ..., stream_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., running: _Optional[_Union[Classification, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[KeywordDetection, _Mapping]]] = ..., posteriors: _Optional[_Iterable[float]] = ..., final: _Optional[bool] = ...) -> None: ...

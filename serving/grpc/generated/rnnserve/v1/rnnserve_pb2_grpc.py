@@ -50,6 +50,11 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/rnnserve.v1.RnnServe/Stream',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.FromString,
+                _registered_method=True)
 
 
 class RnnServeServicer:
@@ -76,6 +81,18 @@ class RnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """A live stream with state held by the server: the first message configures it
+        (model, options), then chunks of text or audio follow; every text chunk gets the
+        running prediction, audio gets keyword detections as they happen and a summary every
+        report_every_ms. Half-closing the request stream returns a final summary.
+        A chunk before the config is INVALID_ARGUMENT; too many open streams RESOURCE_EXHAUSTED;
+        a stream idle longer than the server's stream_idle_timeout_s ends with DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RnnServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +110,11 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +198,33 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/Classify',
             rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.RnnServe/Stream',
+            rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

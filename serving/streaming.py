@@ -1,0 +1,470 @@
+"""Streams: server-held state per stream, steps of many streams in one ONNX Runtime call.
+
+A stream (a typed `Stream` RPC or a KServe v2 sequence) owns the state tensors its
+model's step graph declares. Each chunk becomes a step row (the chunk's tokens or
+log-mel frames plus the stream's state); rows of all streams of one model version
+that wait at the same moment run as one call of step.onnx (cellular batching) on
+gathered state, and each stream gets its own outputs and new state back. A stream
+has at most one step in flight, so its chunks run in order.
+
+Text arrives in fragments that may split words: only text up to the last whitespace
+is committed to the state (its tokens cannot change when more text arrives); the
+unfinished word is scored provisionally, from the same state, in the same call.
+Audio goes through the streaming log-mel frontend (exact framing across chunk
+boundaries) and, for other input rates, a streaming resampler. For keyword models
+the per-frame posteriors feed a detector (moving-average smoothing, a threshold and
+a refractory period) that reports each spoken keyword once, with its times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.audio import StreamingLogMel
+from serving.batching import Batcher
+from serving.errors import InvalidInput, ResourceExhausted, ServingError
+from serving.repository import ModelVersion
+
+
+class StreamStateError(ServingError):
+    """A sequence used out of order: chunk before start, id reused while active, chunk after end."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    threshold: float = 0.5
+    smoothing_ms: float = 100.0
+    refractory_ms: float = 500.0
+    # Longest a detection stays open before it is reported anyway.
+    max_event_ms: float = 1500.0
+
+    def checked(self) -> DetectorConfig:
+        if not 0.0 < self.threshold < 1.0:
+            raise InvalidInput(f"config.threshold: {self.threshold}, must be between 0 and 1 (exclusive)")
+        for name in ("smoothing_ms", "refractory_ms"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 10_000:
+                raise InvalidInput(f"config.{name}: {value}, must be 0 to 10000 ms")
+        return self
+
+
+@dataclass(frozen=True)
+class Detection:
+    keyword: str
+    start_ms: float
+    end_ms: float
+    confidence: float
+
+
+@dataclass
+class StepRow:
+    """One chunk of one stream: tokens [T] or frames [T, F], and the state it starts from."""
+
+    inputs: np.ndarray
+    state: dict[str, np.ndarray]
+    # False for a provisional row (text's unfinished word): its state is not kept.
+    commit: bool = True
+
+
+@dataclass
+class StepResult:
+    logits: np.ndarray  # [C]: the result of everything streamed so far
+    frame_logits: np.ndarray  # [T, C]: per token / frame
+    state: dict[str, np.ndarray]
+
+
+def run_steps(model: ModelVersion, payloads: list[list[StepRow]]) -> list[list[StepResult]]:
+    """One step.onnx call for the rows of many streams; each payload gets its own results."""
+    spec = model.card.streaming
+    rows = [row for payload in payloads for row in payload]
+    input_name = spec.inputs[0].name
+    lengths = np.array([len(row.inputs) for row in rows], np.int64)
+    first = rows[0].inputs
+    pad = model.encoder.pad_id if model.encoder is not None else 0
+    batch = np.full((len(rows), int(lengths.max()), *first.shape[1:]), pad, first.dtype)
+    for index, row in enumerate(rows):
+        batch[index, : len(row.inputs)] = row.inputs
+    feeds = {input_name: batch, "lengths": lengths}
+    for state in spec.state:
+        feeds[state.name] = np.stack([row.state[state.name] for row in rows])
+    names = ["logits", "frame_logits", *(state.output for state in spec.state)]
+    outputs = dict(zip(names, model.step_session.run(feeds, names), strict=True))
+    results, index = [], 0
+    for payload in payloads:
+        mine = []
+        for row in payload:
+            mine.append(StepResult(
+                logits=outputs["logits"][index].copy(),
+                frame_logits=outputs["frame_logits"][index, : len(row.inputs)].copy(),
+                state={state.name: outputs[state.output][index].copy() for state in spec.state},
+            ))
+            index += 1
+        results.append(mine)
+    return results
+
+
+def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
+    return {
+        state.name: np.full(state.shape, state.initial, dtype=state.dtype) for state in model.card.streaming.state
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class KeywordDetector:
+    """Smoothed per-frame posteriors -> one event per spoken keyword.
+
+    s_t is the mean of the last `smoothing` frame posteriors. A keyword whose s_t reaches
+    the threshold opens an event, which closes when s_t falls below it again (or after
+    max_event_ms); the event is reported then, with its peak as confidence, and for
+    refractory_ms after it no new event opens. Labels starting with `_` never fire.
+    """
+
+    def __init__(self, labels: list[str], hop_ms: float, window_ms: float, config: DetectorConfig):
+        self.labels = labels
+        self.keywords = np.array([i for i, label in enumerate(labels) if not label.startswith("_")])
+        self.hop_ms, self.window_ms, self.config = hop_ms, window_ms, config
+        self.smoothing = max(1, round(config.smoothing_ms / hop_ms))
+        self.history = np.zeros((0, len(labels)), np.float32)
+        self.frame = 0
+        self.refractory_until_ms = -1.0
+        # (label index, first frame, last frame, peak) of the open event
+        self.open: tuple[int, int, int, float] | None = None
+
+    def _close(self) -> Detection:
+        label, first, last, peak = self.open
+        self.open = None
+        end_ms = last * self.hop_ms + self.window_ms
+        self.refractory_until_ms = end_ms + self.config.refractory_ms
+        start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
+        return Detection(self.labels[label], start_ms, end_ms, peak)
+
+    def update(self, posteriors: np.ndarray) -> tuple[list[Detection], np.ndarray]:
+        """Feed [T, C] frame posteriors; returns the events closed and the smoothed [T, C]."""
+        joined = np.concatenate([self.history, posteriors.astype(np.float32)])
+        sums = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1]), np.float32), joined]), axis=0)
+        ends = np.arange(len(self.history), len(joined)) + 1
+        starts = np.maximum(ends - self.smoothing, 0)
+        # Frames at the very start average over the frames there are.
+        smoothed = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
+        self.history = joined[-(self.smoothing - 1):] if self.smoothing > 1 else joined[:0]
+        events = []
+        threshold = self.config.threshold
+        max_frames = max(1, round(self.config.max_event_ms / self.hop_ms))
+        keyword_scores = smoothed[:, self.keywords] if len(self.keywords) else np.zeros((len(smoothed), 0))
+        for offset in range(len(smoothed)):
+            frame = self.frame + offset
+            if self.open is not None:
+                label, first, _, peak = self.open
+                score = float(smoothed[offset, label])
+                if score >= threshold and frame - first < max_frames:
+                    self.open = (label, first, frame, max(peak, score))
+                    continue
+                events.append(self._close())
+            if not len(self.keywords):
+                continue
+            best = int(keyword_scores[offset].argmax())
+            score = float(keyword_scores[offset, best])
+            if score >= threshold and frame * self.hop_ms >= self.refractory_until_ms:
+                self.open = (int(self.keywords[best]), frame, frame, score)
+        self.frame += len(smoothed)
+        return events, smoothed
+
+    def finish(self) -> list[Detection]:
+        return [self._close()] if self.open is not None else []
+
+
+@dataclass
+class Update:
+    """What a chunk (or the end) did to a stream."""
+
+    logits: np.ndarray | None  # running result of everything so far (None before any token/frame)
+    detections: list[Detection] = field(default_factory=list)
+    # Per label, the highest smoothed posterior over this update's frames (audio only).
+    chunk_posteriors: np.ndarray | None = None
+    final: bool = False
+
+
+class Stream:
+    """State of one stream; subclasses turn chunks into step rows and outputs into updates."""
+
+    _serial = itertools.count(1)
+
+    def __init__(self, model: ModelVersion):
+        self.id = next(self._serial)
+        self.model = model
+        self.state = initial_state(model)
+        self.logits: np.ndarray | None = None
+        self.chunks = 0
+        self.last_active = time.monotonic()
+        self.ended = False
+        # Serialises steps of one stream (KServe sequences may send concurrent requests).
+        self.lock = asyncio.Lock()
+
+    def _apply_commit(self, result: StepResult) -> None:
+        self.state = result.state
+        self.logits = result.logits
+
+
+class TextStream(Stream):
+    def __init__(self, model: ModelVersion, max_chunk_chars: int):
+        super().__init__(model)
+        self.encoder = model.encoder
+        self.max_chunk_chars = max_chunk_chars
+        self.tail = ""
+        self.tokens = 0
+
+    def _ids(self, text: str, room: int) -> np.ndarray:
+        return np.asarray(self.encoder.tokenizer.encode(text).ids[: max(room, 0)], np.int64)
+
+    def rows(self, fragment: str, last: bool) -> list[StepRow]:
+        if len(fragment) > self.max_chunk_chars:
+            raise InvalidInput(f"chunk.text: {len(fragment)} characters, limit {self.max_chunk_chars} per chunk")
+        text = self.tail + fragment
+        if last:
+            stable, self.tail = text, ""
+        else:
+            cut = len(text)
+            while cut and not text[cut - 1].isspace():
+                cut -= 1
+            stable, self.tail = text[:cut], text[cut:]
+            if len(self.tail) > self.max_chunk_chars:
+                raise InvalidInput(
+                    f"chunk.text: an unfinished word of {len(self.tail)} characters, limit {self.max_chunk_chars}"
+                )
+        room = self.encoder.max_tokens - self.tokens
+        ids = self._ids(stable, room) if stable.strip() else np.zeros(0, np.int64)
+        rows = [StepRow(ids, self.state)] if len(ids) else []
+        if self.tail.strip() and room > len(ids):
+            provisional = np.concatenate([ids, self._ids(self.tail, room - len(ids))])
+            if len(provisional) > len(ids):
+                rows.append(StepRow(provisional, self.state, commit=False))
+        return rows
+
+    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+        running = self.logits
+        for row, result in zip(rows, results, strict=True):
+            if row.commit:
+                self._apply_commit(result)
+                self.tokens += len(row.inputs)
+            running = result.logits
+        return Update(logits=running if running is not None else self.logits, final=last)
+
+
+class AudioStream(Stream):
+    def __init__(self, model: ModelVersion, input_rate_hz: int, max_chunk_seconds: float, detector: DetectorConfig):
+        super().__init__(model)
+        config = model.frontend.config
+        self.rate = config.sample_rate_hz
+        if not 0 < input_rate_hz <= 384_000:
+            raise InvalidInput(f"config.sample_rate_hz: {input_rate_hz}, must be 1 to 384000 Hz")
+        self.input_rate = input_rate_hz
+        self.max_chunk_seconds = max_chunk_seconds
+        self.frontend = StreamingLogMel(model.frontend)
+        self.resampler = None
+        if input_rate_hz != self.rate:
+            import soxr
+
+            self.resampler = soxr.ResampleStream(input_rate_hz, self.rate, 1, dtype="float32", quality="HQ")
+        self.samples = 0  # at the input rate
+        self.detector = KeywordDetector(
+            model.card.labels, config.hop_samples / self.rate * 1000, config.window_samples / self.rate * 1000,
+            detector.checked(),
+        )
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.input_rate
+
+    def rows(self, samples: np.ndarray, last: bool) -> list[StepRow]:
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if len(samples) / self.input_rate > self.max_chunk_seconds:
+            raise InvalidInput(
+                f"chunk: {len(samples) / self.input_rate:.2f} s of audio, limit {self.max_chunk_seconds:g} s per chunk"
+            )
+        if not np.isfinite(samples).all():
+            raise InvalidInput("chunk.samples: NaN or infinite values")
+        self.samples += len(samples)
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples, last=last)
+        features = self.frontend.push(np.clip(samples, -1.0, 1.0))
+        return [StepRow(features, self.state)] if len(features) else []
+
+    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+        detections: list[Detection] = []
+        chunk_posteriors = None
+        for result in results:
+            self._apply_commit(result)
+            found, smoothed = self.detector.update(_softmax(result.frame_logits.astype(np.float64)))
+            detections += found
+            peak = smoothed.max(axis=0)
+            chunk_posteriors = peak if chunk_posteriors is None else np.maximum(chunk_posteriors, peak)
+        if last:
+            detections += self.detector.finish()
+        return Update(logits=self.logits, detections=detections, chunk_posteriors=chunk_posteriors, final=last)
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_streams: int = 1024
+    idle_timeout_s: float = 30.0
+    step_max_rows: int = 256
+
+
+class StreamManager:
+    """Every live stream and sequence of a server: opening under a bound, stepping through a
+    per-model cellular batcher, closing (end, cancel, disconnect, deadline, idle) with a count."""
+
+    def __init__(self, metrics, limits: StreamLimits = StreamLimits()):
+        self.metrics = metrics
+        self.limits = limits
+        self.live: dict[int, Stream] = {}
+        self.sequences: dict[tuple[str, object], Stream] = {}
+        # Recently ended sequence ids, to tell "ended" from "never started" in errors.
+        self._ended: collections.OrderedDict[tuple[str, object], None] = collections.OrderedDict()
+        self._runners: dict[tuple[str, str], Batcher] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="rnnserve-stream-sweeper", daemon=True)
+        self._sweeper.start()
+
+    # -- opening and closing --------------------------------------------------------------
+    def open_text(self, model: ModelVersion, max_chunk_chars: int) -> TextStream:
+        return self._register(lambda: TextStream(model, max_chunk_chars))
+
+    def open_audio(self, model: ModelVersion, input_rate_hz: int, max_chunk_seconds: float,
+                   detector: DetectorConfig = DetectorConfig()) -> AudioStream:
+        return self._register(lambda: AudioStream(model, input_rate_hz, max_chunk_seconds, detector))
+
+    def _register(self, build) -> Stream:
+        with self._lock:
+            if len(self.live) >= self.limits.max_streams:
+                raise ResourceExhausted(
+                    f"streams: {len(self.live)} open, limit {self.limits.max_streams}; close one or retry later"
+                )
+            stream = build()
+            self.live[stream.id] = stream
+        self.metrics.active_streams.labels(stream.model.name).inc()
+        return stream
+
+    def close(self, stream: Stream, reason: str) -> None:
+        with self._lock:
+            if self.live.pop(stream.id, None) is None:
+                return
+            for key, held in list(self.sequences.items()):
+                if held is stream:
+                    del self.sequences[key]
+                    self._remember_ended(key)
+        stream.ended = True
+        self.metrics.active_streams.labels(stream.model.name).dec()
+        self.metrics.streams_closed.labels(stream.model.name, reason).inc()
+
+    def _remember_ended(self, key) -> None:
+        self._ended[key] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
+
+    # -- KServe sequences -----------------------------------------------------------------
+    def sequence(self, model: ModelVersion, sequence_id, start: bool, open_stream) -> Stream:
+        """The stream of a sequence id: opened by `open_stream()` on start, else looked up."""
+        key = (model.name, sequence_id)
+        with self._lock:
+            held = self.sequences.get(key)
+        if start:
+            if held is not None:
+                raise StreamStateError(
+                    f"sequence_id {sequence_id!r}: already active for model {model.name!r}; "
+                    "end it (sequence_end) before starting it again"
+                )
+            stream = open_stream()
+            with self._lock:
+                if key in self.sequences:  # raced with another start of the same id
+                    raced = True
+                else:
+                    raced = False
+                    self.sequences[key] = stream
+                    self._ended.pop(key, None)
+            if raced:
+                self.close(stream, "error")
+                raise StreamStateError(f"sequence_id {sequence_id!r}: already active for model {model.name!r}")
+            return stream
+        if held is None:
+            if key in self._ended:
+                raise StreamStateError(
+                    f"sequence_id {sequence_id!r}: the sequence has ended (sequence_end or idle timeout); "
+                    "start a new one with sequence_start"
+                )
+            raise StreamStateError(
+                f"sequence_id {sequence_id!r}: no active sequence for model {model.name!r}; "
+                "the first request needs sequence_start=true"
+            )
+        if held.model.version != model.version:
+            raise InvalidInput(
+                f"sequence_id {sequence_id!r}: started on version {held.model.version}, not {model.version}"
+            )
+        return held
+
+    # -- stepping ---------------------------------------------------------------------------
+    def _runner(self, model: ModelVersion) -> Batcher:
+        key = (model.name, model.version)
+        with self._lock:
+            if key not in self._runners:
+                label = f"{model.name}/step"
+                self._runners[key] = Batcher(
+                    f"{model.name}/{model.version}/step", lambda payloads: run_steps(model, payloads),
+                    max_batch_rows=self.limits.step_max_rows, max_delay_s=0.0,
+                    max_queue_rows=max(self.limits.max_streams * 2, self.limits.step_max_rows),
+                    observe=lambda waits, seconds, rows: self._observe(label, waits, seconds, rows),
+                )
+            return self._runners[key]
+
+    def _observe(self, label: str, waits: list[float], seconds: float, rows: int) -> None:
+        for wait in waits:
+            self.metrics.queue_seconds.labels(label).observe(wait)
+        self.metrics.compute_seconds.labels(label).observe(seconds)
+        self.metrics.batch_rows.labels(label).observe(rows)
+
+    async def feed(self, stream: Stream, chunk, last: bool = False) -> Update:
+        """Run one chunk (text fragment or float samples; None at the end) through the stream."""
+        if stream.ended:
+            raise StreamStateError("the stream has ended")
+        stream.last_active = time.monotonic()
+        empty = "" if isinstance(stream, TextStream) else np.zeros(0, np.float32)
+        rows = stream.rows(empty if chunk is None else chunk, last)
+        stream.chunks += 1
+        results: list[StepResult] = []
+        if rows:
+            future = self._runner(stream.model).submit(rows, len(rows))
+            results = await asyncio.wrap_future(future)
+        stream.last_active = time.monotonic()
+        return stream.apply(rows, results, last)
+
+    # -- idle sequences -------------------------------------------------------------------
+    def _sweep(self) -> None:
+        while not self._stop.wait(0.2):
+            cutoff = time.monotonic() - self.limits.idle_timeout_s
+            with self._lock:
+                idle = [s for s in self.sequences.values() if s.last_active < cutoff and not s.lock.locked()]
+            for stream in idle:
+                self.close(stream, "idle")
+
+    def close_all(self) -> None:
+        self._stop.set()
+        for stream in list(self.live.values()):
+            self.close(stream, "shutdown")
+        with self._lock:
+            runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            runner.close()
