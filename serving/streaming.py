@@ -234,16 +234,17 @@ class TextStream(Stream):
             raise InvalidInput(f"chunk.text: {len(fragment)} characters, limit {self.max_chunk_chars} per chunk")
         text = self.tail + fragment
         if last:
-            stable, self.tail = text, ""
+            stable, tail = text, ""
         else:
             cut = len(text)
             while cut and not text[cut - 1].isspace():
                 cut -= 1
-            stable, self.tail = text[:cut], text[cut:]
-            if len(self.tail) > self.max_chunk_chars:
+            stable, tail = text[:cut], text[cut:]
+            if len(tail) > self.max_chunk_chars:
                 raise InvalidInput(
-                    f"chunk.text: an unfinished word of {len(self.tail)} characters, limit {self.max_chunk_chars}"
+                    f"chunk.text: an unfinished word of {len(tail)} characters, limit {self.max_chunk_chars}"
                 )
+        self.tail = tail
         room = self.encoder.max_tokens - self.tokens
         ids = self._ids(stable, room) if stable.strip() else np.zeros(0, np.int64)
         rows = [StepRow(ids, self.state)] if len(ids) else []

@@ -20,7 +20,7 @@ from serving.dataplane import DataPlane, Prediction
 from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.inference import inference_pb2 as pb
 from serving.grpc.handlers import add_servicer
-from serving.grpc.status import deadline_of, run_call
+from serving.grpc.status import deadline_of, run_async_call, run_call
 from serving.repository import ModelVersion
 from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
 
@@ -119,29 +119,70 @@ class InferenceServicer:
     def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
         """One request, synchronously (runs on the worker pool)."""
         model = self.dataplane.model(request.model_name, request.model_version)
-        if "sequence_id" in request.parameters:
-            raise InvalidInput("parameters[sequence_id]: stateful sequences are not served yet; send whole inputs")
         arrays = decode_inputs(request)
         requested = [output.name for output in request.outputs]
+        _check_task_outputs(model, requested)
         if model.card is None:
             model, results = self.dataplane.infer_tensors(
                 model.name, model.version, arrays, requested or None, deadline
             )
             named = [(name, FROM_NUMPY_NAME.get(str(value.dtype), "BYTES"), value) for name, value in results.items()]
         else:
-            for name in requested:
-                if name not in TASK_OUTPUTS:
-                    raise InvalidInput(f"outputs: {name!r} is not an output of {model.name!r} (label, probabilities)")
             predictions = self._classify(model, arrays, request, deadline)
-            labels = np.array([p.label.encode() for p in predictions], dtype=object)
-            probabilities = np.stack([p.probabilities for p in predictions]).astype(np.float32)
-            available = {"label": ("BYTES", labels), "probabilities": ("FP32", probabilities)}
-            named = [(name, *available[name]) for name in (requested or TASK_OUTPUTS)]
-        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        for name, datatype, value in named:
-            response.outputs.add(name=name, datatype=datatype, shape=list(value.shape))
-            response.raw_output_contents.append(raw_bytes(value, datatype))
-        return response
+            named = _task_tensors(model, predictions, requested)
+        return _response(model, request, named)
+
+    async def infer_sequence(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One chunk of a Triton-style sequence: state held per sequence_id between requests.
+
+        Text models take `text` BYTES [1] (a fragment), keywords `audio` FP32 [1, S]; the
+        answer is the running prediction of everything sent so far, final at sequence_end."""
+        sequence_id, start, end = sequence_parameters(request)
+        model = self.dataplane.model(request.model_name, request.model_version)
+        arrays = decode_inputs(request)
+        requested = [output.name for output in request.outputs]
+        _check_task_outputs(model, requested)
+        if model.card is None:
+            raise InvalidInput(f"parameters[sequence_id]: model {model.name!r} is a plain tensor model without state")
+        rate = _sample_rate(request, model) if model.frontend is not None else 0
+        chunk = self._sequence_chunk(model, arrays)
+        streams = self.dataplane.streams
+        stream = streams.sequence(
+            model, sequence_id, start, lambda: self.dataplane.open_stream(model.name, model.version, rate)
+        )
+        if not start and model.frontend is not None and "sample_rate_hz" in request.parameters \
+                and rate != stream.input_rate:
+            raise InvalidInput(f"parameters[sample_rate_hz]: {rate}, the sequence started at {stream.input_rate} Hz")
+        try:
+            async with stream.lock:
+                update = await streams.feed(stream, chunk, last=end)
+        except ServingError:
+            if start:  # a sequence whose first request failed never started
+                streams.close(stream, "error")
+            raise
+        if end:
+            streams.close(stream, "end")
+        labels = model.card.labels
+        if update.logits is None:
+            predictions = []
+        else:
+            predictions = self.dataplane._predictions(update.logits[None], labels, 0)
+        return _response(model, request, _task_tensors(model, predictions, requested))
+
+    def _sequence_chunk(self, model: ModelVersion, arrays: dict[str, np.ndarray]):
+        expected = "audio" if model.frontend is not None else "text"
+        if set(arrays) != {expected}:
+            raise InvalidInput(f"inputs: model {model.name!r} takes one input named {expected!r}, got {sorted(arrays)}")
+        array = arrays[expected]
+        if expected == "text":
+            texts = _texts(array)
+            if len(texts) != 1:
+                raise InvalidInput(f"inputs[text]: {len(texts)} texts; a sequence takes one fragment per request")
+            return texts[0]
+        _check_audio(array)
+        if array.shape[0] != 1:
+            raise InvalidInput(f"inputs[audio]: shape {list(array.shape)}; a sequence takes [1, samples] per request")
+        return array[0]
 
     def _classify(
         self, model: ModelVersion, arrays: dict[str, np.ndarray], request, deadline: float | None
@@ -151,35 +192,19 @@ class InferenceServicer:
             raise InvalidInput(f"inputs: model {model.name!r} takes one input named {expected!r}, got {sorted(arrays)}")
         array = arrays[expected]
         if expected == "text":
-            if array.dtype != object:
-                raise InvalidInput("inputs[text]: datatype must be BYTES (UTF-8 strings)")
-            if array.ndim == 2 and array.shape[1] == 1:
-                array = array[:, 0]
-            if array.ndim != 1:
-                raise InvalidInput(f"inputs[text]: shape {list(array.shape)}, expected [N] (or [N, 1])")
-            texts = []
-            for index, item in enumerate(array):
-                try:
-                    texts.append(item.decode("utf-8"))
-                except UnicodeDecodeError as error:
-                    raise InvalidInput(f"inputs[text][{index}]: not valid UTF-8 ({error.reason})") from None
+            texts = _texts(array)
             _, predictions = self.dataplane.classify_texts(model.name, model.version, texts, deadline=deadline)
             return predictions
-        if array.dtype != np.float32:
-            raise InvalidInput(f"inputs[audio]: datatype {FROM_NUMPY_NAME.get(str(array.dtype), array.dtype)}, "
-                               "expected FP32 samples in [-1, 1]")
-        if array.ndim != 2:
-            raise InvalidInput(f"inputs[audio]: shape {list(array.shape)}, expected [N, samples]")
-        rate = _parameter(request.parameters["sample_rate_hz"]) if "sample_rate_hz" in request.parameters else None
-        rate = int(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) else None
-        if "sample_rate_hz" in request.parameters and rate is None:
-            raise InvalidInput("parameters[sample_rate_hz]: must be an integer number of Hz")
-        rate = rate or model.frontend.config.sample_rate_hz
+        _check_audio(array)
+        rate = _sample_rate(request, model)
         clips = [{"samples": row, "sample_rate_hz": rate} for row in array]
         _, predictions = self.dataplane.classify_audio(model.name, model.version, clips, deadline=deadline)
         return predictions
 
     async def ModelInfer(self, request, context):
+        if is_sequence(request):
+            return await run_async_call(context, self.infer_sequence(request), self.dataplane.metrics,
+                                        "ModelInfer", request.model_name)
         deadline = deadline_of(context)
         return await run_call(context, lambda: self.infer(request, deadline), self.executor, self.dataplane.metrics,
                               "ModelInfer", request.model_name)
@@ -191,19 +216,107 @@ class InferenceServicer:
 
         loop = asyncio.get_running_loop()
         metrics = self.dataplane.metrics
-        if True:
-            async for request in requests:
-                try:
+        async for request in requests:
+            try:
+                if is_sequence(request):
+                    response = await self.infer_sequence(request)
+                else:
                     response = await loop.run_in_executor(self.executor, self.infer, request)
-                except ServingError as error:
-                    metrics.requests.labels("ModelStreamInfer", request.model_name, error.code).inc()
-                    yield pb.ModelStreamInferResponse(
-                        error_message=f"{error.code}: {error}",
-                        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                    )
-                    continue
-                metrics.requests.labels("ModelStreamInfer", request.model_name, "OK").inc()
-                yield pb.ModelStreamInferResponse(infer_response=response)
+            except ServingError as error:
+                metrics.requests.labels("ModelStreamInfer", request.model_name, error.code).inc()
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{error.code}: {error}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )
+                continue
+            metrics.requests.labels("ModelStreamInfer", request.model_name, "OK").inc()
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+
+def _check_task_outputs(model: ModelVersion, requested: list[str]) -> None:
+    if model.card is None:
+        return
+    for name in requested:
+        if name not in TASK_OUTPUTS:
+            raise InvalidInput(f"outputs: {name!r} is not an output of {model.name!r} (label, probabilities)")
+
+
+def _task_tensors(model: ModelVersion, predictions: list[Prediction], requested: list[str]) -> list[tuple]:
+    labels = np.array([p.label.encode() for p in predictions], dtype=object)
+    probabilities = np.array([p.probabilities for p in predictions], np.float32).reshape(
+        len(predictions), len(model.card.labels)
+    )
+    available = {"label": ("BYTES", labels), "probabilities": ("FP32", probabilities)}
+    return [(name, *available[name]) for name in (requested or TASK_OUTPUTS)]
+
+
+def _response(model: ModelVersion, request: pb.ModelInferRequest, named: list[tuple]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    for name, datatype, value in named:
+        response.outputs.add(name=name, datatype=datatype, shape=list(value.shape))
+        response.raw_output_contents.append(raw_bytes(value, datatype))
+    return response
+
+
+def _texts(array: np.ndarray) -> list[str]:
+    if array.dtype != object:
+        raise InvalidInput("inputs[text]: datatype must be BYTES (UTF-8 strings)")
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise InvalidInput(f"inputs[text]: shape {list(array.shape)}, expected [N] (or [N, 1])")
+    texts = []
+    for index, item in enumerate(array):
+        try:
+            texts.append(item.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidInput(f"inputs[text][{index}]: not valid UTF-8 ({error.reason})") from None
+    return texts
+
+
+def _check_audio(array: np.ndarray) -> None:
+    if array.dtype != np.float32:
+        raise InvalidInput(f"inputs[audio]: datatype {FROM_NUMPY_NAME.get(str(array.dtype), array.dtype)}, "
+                           "expected FP32 samples in [-1, 1]")
+    if array.ndim != 2:
+        raise InvalidInput(f"inputs[audio]: shape {list(array.shape)}, expected [N, samples]")
+
+
+def _sample_rate(request: pb.ModelInferRequest, model: ModelVersion) -> int:
+    if "sample_rate_hz" not in request.parameters:
+        return model.frontend.config.sample_rate_hz
+    rate = _parameter(request.parameters["sample_rate_hz"])
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or rate != int(rate):
+        raise InvalidInput("parameters[sample_rate_hz]: must be an integer number of Hz")
+    return int(rate)
+
+
+def is_sequence(request: pb.ModelInferRequest) -> bool:
+    """Triton's rule: a request belongs to a sequence when it carries a non-zero sequence_id
+    (or any sequence flag, which then needs one)."""
+    parameters = request.parameters
+    if any(name in parameters for name in ("sequence_start", "sequence_end")):
+        return True
+    return "sequence_id" in parameters and _parameter(parameters["sequence_id"]) not in (0, "", None)
+
+
+def sequence_parameters(request: pb.ModelInferRequest) -> tuple[object, bool, bool]:
+    parameters = request.parameters
+    sequence_id = _parameter(parameters["sequence_id"]) if "sequence_id" in parameters else None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str) or sequence_id in (0, ""):
+        raise InvalidInput(
+            "parameters[sequence_id]: sequence_start/sequence_end need a non-zero integer or non-empty string "
+            "sequence_id"
+        )
+    if isinstance(sequence_id, str) and len(sequence_id) > 256:
+        raise InvalidInput(f"parameters[sequence_id]: {len(sequence_id)} characters, limit 256")
+    flags = []
+    for name in ("sequence_start", "sequence_end"):
+        value = _parameter(parameters[name]) if name in parameters else False
+        if not isinstance(value, bool):
+            raise InvalidInput(f"parameters[{name}]: must be a bool")
+        flags.append(value)
+    return sequence_id, flags[0], flags[1]
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]

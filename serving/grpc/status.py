@@ -27,10 +27,18 @@ async def run_call(
 ) -> T:
     """Run blocking data-plane work off the event loop; typed errors abort with their status.
     With metrics, the call is counted by method, model and status code, and timed."""
+    future = asyncio.get_running_loop().run_in_executor(executor, work)
+    return await run_async_call(context, future, metrics, method, model)
+
+
+async def run_async_call(
+    context: grpc.aio.ServicerContext, work, metrics: Metrics | None = None, method: str = "", model: str = ""
+):
+    """run_call for a coroutine that runs on the event loop (stream steps await their batcher)."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
-        return await asyncio.get_running_loop().run_in_executor(executor, work)
+        return await work
     except ServingError as error:
         code = status_code(error)
         await context.abort(code, str(error))
