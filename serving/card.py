@@ -144,6 +144,9 @@ class ModelCard(_Strict):
     metrics: EvaluationMetrics
     # Further evaluations, e.g. held-out clips of training voices or streamed test audio.
     evaluations: dict[str, EvaluationMetrics] = {}
+    # Keyword detection on long streamed recordings (training/stream_eval.py): operating points
+    # of the detector, the server's stream defaults among them.
+    detection: dict | None = None
     baseline: EvaluationMetrics | None = None
     baseline_method: str = ""
     data: DataInfo
@@ -152,6 +155,16 @@ class ModelCard(_Strict):
     git_revision: str | None = None
     export: ExportInfo
     created_at: str
+
+    def detector_defaults(self) -> dict:
+        """Detector settings of the card's default operating point ({} when it has none)."""
+        if not self.detection:
+            return {}
+        budget = self.detection.get("default_budget_per_hour")
+        for point in self.detection.get("operating_points", []):
+            if point.get("false_alarm_budget_per_hour") == budget:
+                return dict(point.get("detector", {}))
+        return {}
 
     @model_validator(mode="after")
     def _labels_unique(self) -> ModelCard:

@@ -218,10 +218,9 @@ class DataPlane:
             features.append(model.frontend(samples))
         return model, self._predictions(self._scores(model, "audio", features, deadline), labels, top_k)
 
-    def open_stream(
-        self, name: str, version: str, sample_rate_hz: int = 0, detector: DetectorConfig = DetectorConfig()
-    ) -> Stream:
-        """A new stream on a model with a step graph (text or audio by the model's task)."""
+    def open_stream(self, name: str, version: str, sample_rate_hz: int = 0, **detector: float) -> Stream:
+        """A new stream on a model with a step graph (text or audio by the model's task).
+        Detector settings left out (or 0) come from the card's evaluated default, else DetectorConfig's."""
         model = self.model(name, version)
         if not model.streaming:
             why = "it is bidirectional" if model.card and model.card.architecture.get("bidirectional") else (
@@ -229,8 +228,11 @@ class DataPlane:
             raise InvalidInput(f"model {name!r} does not stream ({why}); send whole inputs with Classify/ModelInfer")
         limits = self.limits(model)
         if model.frontend is not None:
+            settings = {**model.card.detector_defaults(), **{k: v for k, v in detector.items() if v}}
+            known = {f for f in DetectorConfig.__dataclass_fields__}
+            config = DetectorConfig(**{k: float(v) for k, v in settings.items() if k in known})
             return self.streams.open_audio(
-                model, sample_rate_hz or model.frontend.config.sample_rate_hz, limits.max_audio_seconds, detector
+                model, sample_rate_hz or model.frontend.config.sample_rate_hz, limits.max_audio_seconds, config
             )
         return self.streams.open_text(model, limits.max_text_chars)
 

@@ -44,13 +44,14 @@ class DetectorConfig:
     threshold: float = 0.5
     smoothing_ms: float = 100.0
     refractory_ms: float = 500.0
-    # Longest a detection stays open before it is reported anyway.
-    max_event_ms: float = 1500.0
+    # An open detection collects evidence this long (dips below the threshold included) and is
+    # then reported as the keyword with the highest peak.
+    decision_ms: float = 500.0
 
     def checked(self) -> DetectorConfig:
         if not 0.0 < self.threshold < 1.0:
             raise InvalidInput(f"config.threshold: {self.threshold}, must be between 0 and 1 (exclusive)")
-        for name in ("smoothing_ms", "refractory_ms"):
+        for name in ("smoothing_ms", "refractory_ms", "decision_ms"):
             value = getattr(self, name)
             if not 0.0 <= value <= 10_000:
                 raise InvalidInput(f"config.{name}: {value}, must be 0 to 10000 ms")
@@ -126,10 +127,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class KeywordDetector:
     """Smoothed per-frame posteriors -> one event per spoken keyword.
 
-    s_t is the mean of the last `smoothing` frame posteriors. A keyword whose s_t reaches
-    the threshold opens an event, which closes when s_t falls below it again (or after
-    max_event_ms); the event is reported then, with its peak as confidence, and for
-    refractory_ms after it no new event opens. Labels starting with `_` never fire.
+    s_t is the mean of the last `smoothing` frame posteriors. When a keyword's s_t reaches
+    the threshold an event opens; it gathers every keyword's peak for decision_ms and is then
+    reported as the keyword with the highest peak, that peak being its confidence (the first
+    frames of a word often look like another keyword). For refractory_ms after it no event
+    opens. Labels starting with `_` never fire.
     """
 
     def __init__(self, labels: list[str], hop_ms: float, window_ms: float, config: DetectorConfig):
@@ -140,12 +142,14 @@ class KeywordDetector:
         self.history = np.zeros((0, len(labels)), np.float32)
         self.frame = 0
         self.refractory_until_ms = -1.0
-        # (label index, first frame, last frame, peak) of the open event
-        self.open: tuple[int, int, int, float] | None = None
+        # (unused, first frame, last frame, per-keyword peaks) of the open event
+        self.open: tuple[None, int, int, np.ndarray] | None = None
 
     def _close(self) -> Detection:
-        label, first, last, peak = self.open
+        _, first, last, peaks = self.open
         self.open = None
+        # The keyword with the highest peak while the event was open names it.
+        label, peak = int(self.keywords[int(peaks.argmax())]), float(peaks.max())
         end_ms = last * self.hop_ms + self.window_ms
         self.refractory_until_ms = end_ms + self.config.refractory_ms
         start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
@@ -162,23 +166,24 @@ class KeywordDetector:
         self.history = joined[-(self.smoothing - 1):] if self.smoothing > 1 else joined[:0]
         events = []
         threshold = self.config.threshold
-        max_frames = max(1, round(self.config.max_event_ms / self.hop_ms))
-        keyword_scores = smoothed[:, self.keywords] if len(self.keywords) else np.zeros((len(smoothed), 0))
+        decision_frames = max(1, round(self.config.decision_ms / self.hop_ms))
+        if not len(self.keywords):
+            self.frame += len(smoothed)
+            return events, smoothed
+        keyword_scores = smoothed[:, self.keywords]
         for offset in range(len(smoothed)):
             frame = self.frame + offset
-            if self.open is not None:
-                label, first, _, peak = self.open
-                score = float(smoothed[offset, label])
-                if score >= threshold and frame - first < max_frames:
-                    self.open = (label, first, frame, max(peak, score))
-                    continue
-                events.append(self._close())
-            if not len(self.keywords):
-                continue
             best = int(keyword_scores[offset].argmax())
             score = float(keyword_scores[offset, best])
+            if self.open is not None:
+                _, first, last, peaks = self.open
+                if frame - first < decision_frames:
+                    np.maximum(peaks, keyword_scores[offset], out=peaks)
+                    self.open = (None, first, frame if score >= threshold else last, peaks)
+                    continue
+                events.append(self._close())
             if score >= threshold and frame * self.hop_ms >= self.refractory_until_ms:
-                self.open = (int(self.keywords[best]), frame, frame, score)
+                self.open = (None, frame, frame, keyword_scores[offset].copy())
         self.frame += len(smoothed)
         return events, smoothed
 

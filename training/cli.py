@@ -51,6 +51,18 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     export.set_defaults(handler=_export)
 
+    evaluate = subparsers.add_parser(
+        "evaluate-stream", help="keyword spotting on long streamed recordings: recall and false alarms per hour",
+        description="Join held-out clips of unseen speakers into long recordings, stream them through the "
+        "server's streaming code and measure keyword recall and false alarms per hour at several detector "
+        "operating points (chosen on validation speakers, measured on test speakers).",
+    )
+    evaluate.add_argument("version_dir", type=Path, help="a keyword model version, e.g. models/keywords/1")
+    evaluate.add_argument("--recordings", type=int, default=16, help="recordings per split (default 16)")
+    evaluate.add_argument("--write-card", action="store_true",
+                          help="store the result in the card (the server takes its stream defaults from it)")
+    evaluate.set_defaults(handler=_evaluate_stream)
+
     diagnose = subparsers.add_parser(
         "diagnose", help="gradient flow of a plain RNN vs LSTM vs GRU, and gradient clipping",
         description="Measure on a long-range recall task how gradients vanish in a plain RNN but flow "
@@ -62,6 +74,20 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     diagnose.add_argument("--lengths", help="comma-separated sequence lengths (default 15,30,60)")
     diagnose.add_argument("--steps", type=int, help="training steps per cell and length (default 400)")
     diagnose.set_defaults(handler=_diagnose)
+
+
+def _evaluate_stream(args: argparse.Namespace) -> int:
+    from training.stream_eval import run
+
+    result = run(args.version_dir, args.recordings, args.write_card)
+    for point in result["operating_points"]:
+        test, detector = point["test"], point["detector"]
+        print(f"budget {point['false_alarm_budget_per_hour']:g}/h on validation: threshold {detector['threshold']}, "
+              f"smoothing {detector['smoothing_ms']:g} ms -> test recall {test['recall']:.3f}, "
+              f"{test['false_alarms_per_hour']:.1f} false alarms/h over {test['hours']:.2f} h")
+    if args.write_card:
+        print(f"wrote {args.version_dir / 'model.json'}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.grpc.handlers import add_servicer
 from serving.grpc.status import deadline_of, run_call, status_code
 from serving.repository import ModelEntry
-from serving.streaming import AudioStream, DetectorConfig, Update
+from serving.streaming import AudioStream, Update
 
 
 def _tensor_specs(infos) -> list[pb.TensorSpec]:
@@ -129,12 +129,10 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         config = first.config
         metrics = self.dataplane.metrics
         try:
-            detector = DetectorConfig(
-                threshold=config.threshold or DetectorConfig.threshold,
-                smoothing_ms=config.smoothing_ms or DetectorConfig.smoothing_ms,
-                refractory_ms=config.refractory_ms or DetectorConfig.refractory_ms,
+            stream = self.dataplane.open_stream(
+                config.model, config.version, config.sample_rate_hz, threshold=config.threshold,
+                smoothing_ms=config.smoothing_ms, refractory_ms=config.refractory_ms,
             )
-            stream = self.dataplane.open_stream(config.model, config.version, config.sample_rate_hz, detector)
             labels = stream.model.card.labels
             if config.top_k > len(labels):
                 streams.close(stream, "error")
