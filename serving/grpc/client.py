@@ -5,6 +5,8 @@
             print(result.label, result.score)
         for result in client.classify_audio("keywords", [Path("yes.wav").read_bytes()]):
             print(result.label, result.score)
+        for update in client.stream("sentiment", ["what a wond", "erful flight"]):
+            print(update.running.label, update.final)
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ def audio_request(model: str, clips: list, sample_rate_hz: int, version: str, to
             audio.append(pb.AudioClip(samples=pb.FloatSamples(values=np.asarray(clip, np.float32).tolist()),
                                       sample_rate_hz=sample_rate_hz))
     return pb.ClassifyRequest(model=model, version=version, audio=audio, top_k=top_k)
+
+
+def stream_requests(model: str, chunks, version: str = "", **config):
+    """The request messages of a Stream call: the config, then one message per chunk. A chunk is
+    text (str), raw little-endian PCM16 (bytes) or float samples in [-1, 1] (array or list).
+    config: StreamConfig fields (sample_rate_hz, threshold, smoothing_ms, refractory_ms,
+    report_every_ms, top_k)."""
+    yield pb.StreamRequest(config=pb.StreamConfig(model=model, version=version, **config))
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            yield pb.StreamRequest(chunk=pb.StreamChunk(text=chunk))
+        elif isinstance(chunk, bytes | bytearray):
+            yield pb.StreamRequest(chunk=pb.StreamChunk(pcm16=bytes(chunk)))
+        else:
+            values = np.asarray(chunk, np.float32)
+            yield pb.StreamRequest(chunk=pb.StreamChunk(samples=pb.FloatSamples(values=values.tolist())))
 
 
 class AsyncRnnServeClient:
@@ -62,6 +80,22 @@ class AsyncRnnServeClient:
         request = audio_request(model, clips, sample_rate_hz, version, top_k)
         return list((await self.stub.Classify(request, timeout=self.timeout_s, metadata=self.metadata)).results)
 
+    def stream(self, model: str, chunks, version: str = "", timeout_s: float | None = None, **config):
+        """An async iterator of StreamResponses; `chunks` may be a sync or an async iterable."""
+
+        async def requests():
+            if hasattr(chunks, "__aiter__"):
+                yield next(stream_requests(model, [], version, **config))
+                async for chunk in chunks:
+                    for request in stream_requests(model, [chunk], version, **config):
+                        if request.HasField("chunk"):
+                            yield request
+            else:
+                for request in stream_requests(model, chunks, version, **config):
+                    yield request
+
+        return self.stub.Stream(requests(), timeout=timeout_s, metadata=self.metadata)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -72,16 +106,22 @@ class AsyncRnnServeClient:
         await self.close()
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor):
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer <token>` to every call."""
 
     def __init__(self, token: str):
         self.header = ("authorization", f"Bearer {token}")
 
-    def intercept_unary_unary(self, continuation, details, request):
+    def _details(self, details):
         metadata = [*(details.metadata or ()), self.header]
-        return continuation(_CallDetails(details.method, details.timeout, metadata, details.credentials,
-                                         details.wait_for_ready, details.compression), request)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
 
 
 class _CallDetails(
@@ -126,6 +166,12 @@ class RnnServeClient:
         sample_rate_hz (numpy arrays or lists)."""
         request = audio_request(model, clips, sample_rate_hz, version, top_k)
         return list(self.stub.Classify(request, timeout=self.timeout_s).results)
+
+    def stream(self, model: str, chunks, version: str = "", timeout_s: float | None = None, **config):
+        """A live stream: yields a StreamResponse per text chunk (audio: on detections and every
+        report_every_ms), then a final one after the last chunk. Streams have no deadline unless
+        timeout_s is given. See stream_requests for chunks and config."""
+        return self.stub.Stream(stream_requests(model, chunks, version, **config), timeout=timeout_s)
 
     def close(self) -> None:
         self.channel.close()

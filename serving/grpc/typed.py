@@ -166,7 +166,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
             update = await streams.feed(stream, None, last=True)
             reason = "end"
             yield report.add(update)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             remaining = context.time_remaining()
             reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
             raise
