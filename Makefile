@@ -40,6 +40,7 @@ models: $(VENV)/.installed-dev ## retrain the bundled models and export them as 
 	$(BIN)/rnnserve train sentiment --export-to models
 	$(BIN)/rnnserve train topic --export-to models
 	$(BIN)/rnnserve train keywords --export-to models
+	$(BIN)/rnnserve evaluate-stream models/keywords/$$(ls models/keywords | sort -n | tail -1) --write-card
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
