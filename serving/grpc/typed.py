@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import Executor
 
 import grpc
@@ -16,6 +17,8 @@ from serving.grpc.handlers import add_servicer
 from serving.grpc.status import deadline_of, run_call, status_code
 from serving.repository import ModelEntry
 from serving.streaming import AudioStream, Update
+
+log = logging.getLogger(__name__)
 
 
 def _tensor_specs(infos) -> list[pb.TensorSpec]:
@@ -160,6 +163,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                     update = await streams.feed(stream, _chunk(request.chunk, stream))
                 except ServingError as error:
                     await context.abort(status_code(error), str(error))
+                except Exception:  # a bug, not the client's mistake: say so without leaking details
+                    log.exception("stream step failed")
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
                 response = report.add(update)
                 if response is not None:
                     yield response
