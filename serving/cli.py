@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text, or one JSON object per line for log collectors (default text)")
     serve.set_defaults(handler=_serve)
 
+    _add_score(subparsers)
+
     try:
         from training.cli import add_subcommands
     except ImportError:  # the serving image ships without the training package
@@ -41,6 +43,77 @@ def build_parser() -> argparse.ArgumentParser:
     if add_subcommands is not None:
         add_subcommands(subparsers)
     return parser
+
+
+def _add_score(subparsers) -> None:
+    from serving.scoring.run import __doc__ as run_doc
+
+    score = subparsers.add_parser(
+        "score", help="score files with a model: in-process, against a server, or on Ray",
+        description="Score every row of a file (or every audio file of a folder or glob) with one model and "
+        "write one result row per input.\n\n" + run_doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("--model", required=True, help="model name")
+    score.add_argument("--input", required=True, metavar="PATH",
+                       help="txt (one text per line), csv, tsv, jsonl, parquet, a folder or glob of WAV/FLAC/OGG "
+                       "files, or - for stdin (txt unless --input-format says otherwise)")
+    score.add_argument("--output", required=True, metavar="PATH", help="jsonl, csv or parquet file, or - for stdout")
+    score.add_argument("--models", type=Path, default=Path("models"), help="model repository (default models/)")
+    score.add_argument("--version", default="", help="model version (default the latest)")
+    score.add_argument("--server", metavar="HOST:PORT", help="score on a running server instead of in-process")
+    score.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local (this process or --server) or ray (Ray Data actors; needs rnnserve[ray])")
+    score.add_argument("--ray-address", help="an existing Ray cluster, e.g. ray://head:10001 (default: local Ray)")
+    score.add_argument("--input-format", choices=["txt", "csv", "tsv", "jsonl", "parquet", "audio"],
+                       help="default: from the file name")
+    score.add_argument("--format", dest="output_format", choices=["jsonl", "csv", "parquet"],
+                       help="output format (default: from the file name; jsonl for stdout)")
+    score.add_argument("--text-column", "--field", dest="text_column", default="text",
+                       help="column (csv/tsv/parquet) or field (jsonl) holding the text (default text)")
+    score.add_argument("--id-column", help="column or field with row ids (default: the row number)")
+    score.add_argument("--probabilities", action="store_true", help="also write every label's probability")
+    score.add_argument("--batch-size", type=int, default=256, help="rows per model call (default 256)")
+    score.add_argument("--concurrency", type=int, default=0,
+                       help="batches in flight: default 1 in-process, 4 against a server; "
+                       "Ray actors: the cluster's CPUs - 1")
+    score.add_argument("--timeout-s", type=float, default=60.0, help="--server: deadline per call (default 60)")
+    score.add_argument("--retries", type=int, default=5,
+                       help="--server: retries with backoff on UNAVAILABLE / RESOURCE_EXHAUSTED (default 5)")
+    score.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                       help="a bad row stops the run (default) or is skipped and written to the rejects file")
+    score.add_argument("--rejects", metavar="PATH", help="rejects file for --on-error skip "
+                       "(default OUTPUT.rejects.jsonl)")
+    score.add_argument("--token", help="--server: bearer token")
+    score.add_argument("--token-file", type=Path, help="--server: read the bearer token from this file")
+    score.add_argument("--tls-ca-file", type=Path, help="--server: PEM CA bundle; turns on TLS")
+    score.add_argument("--tls-cert-file", type=Path, help="--server: client certificate (mutual TLS)")
+    score.add_argument("--tls-key-file", type=Path, help="--server: client key (mutual TLS)")
+    score.add_argument("--device", default="cpu", help="in-process: auto, cpu or cuda[:N] (default cpu)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar even on a terminal")
+    score.set_defaults(handler=_score)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from serving.scoring.run import ScoreOptions, score
+
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path else None
+
+    try:
+        token = args.token_file.read_text().strip() if args.token_file else args.token
+        tls = (read(args.tls_ca_file), read(args.tls_cert_file), read(args.tls_key_file))
+    except OSError as error:
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    return score(ScoreOptions(
+        model=args.model, input=args.input, output=args.output, models=args.models, version=args.version,
+        server=args.server, engine=args.engine, input_format=args.input_format, output_format=args.output_format,
+        text_column=args.text_column, id_column=args.id_column, probabilities=args.probabilities,
+        batch_size=args.batch_size, concurrency=args.concurrency, timeout_s=args.timeout_s, retries=args.retries,
+        on_error=args.on_error, rejects=args.rejects, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2],
+        ray_address=args.ray_address, device=args.device, progress=False if args.quiet else None,
+    ))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -115,7 +188,9 @@ def configure_logging(level: str | int, fmt: str, json_lines: bool = False) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command == "score":
+        configure_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
+    elif args.command != "serve":
         configure_logging(logging.INFO, "%(message)s")
     return args.handler(args)
 

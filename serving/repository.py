@@ -173,13 +173,18 @@ def _check_step_graph(version: ModelVersion) -> None:
             raise ModelLoadError(f"{where}: state {state.name} -> {state.output} is not in {spec.graph}")
 
 
-def load_repository(root: Path, runtime: RuntimeOptions = CPU_DEFAULTS) -> dict[str, ModelEntry]:
-    """Load every model under root; failures are recorded per version, never raised."""
+def load_repository(
+    root: Path, runtime: RuntimeOptions = CPU_DEFAULTS, only: set[str] | None = None
+) -> dict[str, ModelEntry]:
+    """Load every model under root (or those named in `only`); failures are recorded per
+    version, never raised."""
     if not root.is_dir():
         raise ModelLoadError(f"{root}: the model repository folder does not exist")
     entries: dict[str, ModelEntry] = {}
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        if only is not None and model_dir.name not in only:
             continue
         if not MODEL_NAME.match(model_dir.name) or model_dir.is_symlink():
             log.warning("skipping %s: not a valid model folder name or a symbolic link", model_dir)

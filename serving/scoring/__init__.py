@@ -1,0 +1,1 @@
+"""`rnnserve score`: batch scoring of files in-process, against a server, or on Ray."""
