@@ -133,7 +133,8 @@ def decode_clip(
         try:
             data, sample_rate_hz = soundfile.read(io.BytesIO(file), dtype="float32", always_2d=True)
         except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as error:
-            raise InvalidInput(f"{field}.file: not a readable WAV/FLAC/OGG file ({error})") from None
+            reason = getattr(error, "error_string", None) or str(error)  # without libsndfile's object repr
+            raise InvalidInput(f"{field}.file: not a readable WAV/FLAC/OGG file ({reason})") from None
         audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     else:
         if not 0 < sample_rate_hz <= MAX_SOURCE_RATE_HZ:
