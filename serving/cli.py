@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_score(subparsers)
 
+    health = subparsers.add_parser(
+        "health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING (container health checks)",
+    )
+    health.add_argument("--target", help="HOST:PORT (default 127.0.0.1 and RNNSERVE_PORT, else 50051)")
+    health.add_argument("--service", default="", help="a service or model name (default: the whole server)")
+    health.add_argument("--timeout-s", type=float, default=3.0)
+    health.add_argument("--tls-ca-file", type=Path, help="PEM CA bundle when the server serves TLS")
+    health.set_defaults(handler=_health)
+
     try:
         from training.cli import add_subcommands
     except ImportError:  # the serving image ships without the training package
@@ -92,6 +101,30 @@ def _add_score(subparsers) -> None:
     score.add_argument("--device", default="cpu", help="in-process: auto, cpu or cuda[:N] (default cpu)")
     score.add_argument("--quiet", action="store_true", help="no progress bar even on a terminal")
     score.set_defaults(handler=_score)
+
+
+def _health(args: argparse.Namespace) -> int:
+    import os
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or f"127.0.0.1:{os.environ.get('RNNSERVE_PORT', '50051')}"
+    if args.tls_ca_file:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(args.tls_ca_file.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+            )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -188,7 +221,7 @@ def configure_logging(level: str | int, fmt: str, json_lines: bool = False) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "score":
+    if args.command in ("score", "health"):
         configure_logging(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     elif args.command != "serve":
         configure_logging(logging.INFO, "%(message)s")
