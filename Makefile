@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint protos models bench clean
+.PHONY: serve test lint protos models bench container-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ models: $(VENV)/.installed-dev ## retrain the bundled models and export them as 
 	$(BIN)/rnnserve train topic --export-to models
 	$(BIN)/rnnserve train keywords --export-to models
 	$(BIN)/rnnserve evaluate-stream models/keywords/$$(ls models/keywords | sort -n | tail -1) --write-card
+
+container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke-test it, print its size
+	PYTHON=$(BIN)/python bash deploy/docker/container-test.sh
 
 bench: $(VENV)/.installed-dev ## benchmarks, side by side in one run (results in benchmarks/results/)
 	$(BIN)/python benchmarks/scoring.py
