@@ -47,6 +47,7 @@ container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke
 
 bench: $(VENV)/.installed-dev ## benchmarks, side by side in one run (results in benchmarks/results/)
 	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/streams.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

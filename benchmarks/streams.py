@@ -1,0 +1,157 @@
+"""Concurrent real-time audio streams: how many the keywords model sustains.
+
+    python benchmarks/streams.py                         # cellular batching vs per-stream execution
+    python benchmarks/streams.py --streams 50,100,200 --seconds 8
+
+Each stream sends 100 ms PCM16 chunks at real-time pace (a chunk every 100 ms, from a
+recording of spoken keywords) and asks for a response per chunk; a chunk's latency is the
+time from sending it to receiving its response. A load level passes when the p99 chunk
+latency stays <= 100 ms and no stream falls behind. The server runs in its own process with
+`--stream-batch-max-rows 256` (cellular batching) and then `1` (each stream's step its own
+ONNX Runtime call); the client is one asyncio process. Writes benchmarks/results/streams.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK_S = 0.1
+RATE = 16000
+
+
+def recording() -> bytes:
+    """PCM16 of quiet noise with a few spoken keywords (espeak-ng when present)."""
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(RATE * 6) * 0.003).astype(np.float32)
+    try:
+        import io
+
+        import soundfile
+        import soxr
+
+        for index, word in enumerate(("yes", "stop", "go")):
+            wav = subprocess.run(["espeak-ng", "--stdout", word], capture_output=True, check=True).stdout
+            samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+            samples = soxr.resample(samples, rate, RATE)[: RATE]
+            start = RATE * (1 + 2 * index)
+            audio[start : start + len(samples)] += samples
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def one_stream(stub, pcm: bytes, seconds: float, started: float, latencies: list, lags: list) -> None:
+    from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
+
+    chunk_bytes = int(RATE * CHUNK_S) * 2
+    chunks = int(seconds / CHUNK_S)
+    sent: list[float] = []
+
+    async def requests():
+        yield pb.StreamRequest(config=pb.StreamConfig(model="keywords", sample_rate_hz=RATE))
+        for index in range(chunks):
+            due = started + index * CHUNK_S
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            lags.append(time.perf_counter() - due)
+            offset = (index * chunk_bytes) % (len(pcm) - chunk_bytes)
+            sent.append(time.perf_counter())
+            yield pb.StreamRequest(chunk=pb.StreamChunk(pcm16=pcm[offset : offset + chunk_bytes]))
+
+    received = 0
+    async for response in stub.Stream(requests()):
+        if response.final:
+            break
+        latencies.append(time.perf_counter() - sent[received])
+        received += 1
+
+
+async def load(target: str, streams: int, seconds: float, pcm: bytes) -> dict:
+    import grpc
+
+    from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
+
+    latencies: list[float] = []
+    lags: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rnnserve_pb2_grpc.RnnServeStub(channel)
+        # Streams start spread over one chunk period, as independent clients would.
+        started = time.perf_counter() + 0.5
+        tasks = [one_stream(stub, pcm, seconds, started + (i / streams) * CHUNK_S, latencies, lags)
+                 for i in range(streams)]
+        await asyncio.gather(*tasks)
+    values = np.array(latencies) * 1000
+    return {
+        "streams": streams, "chunks": len(values),
+        "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+        "max_ms": float(values.max()), "client_send_lag_p99_ms": float(np.percentile(np.array(lags) * 1000, 99)),
+    }
+
+
+def start_server(step_rows: int) -> tuple[subprocess.Popen, str]:
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", "--port", "0", "--stream-batch-max-rows", str(step_rows),
+         "--max-streams", "5000"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
+        if match:
+            return server, f"127.0.0.1:{match.group(1)}"
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(Path(log.name).read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="25,50,100,200,300,400,500,700",
+                        help="comma-separated load levels, tried in order until one fails")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "streams.json")
+    args = parser.parse_args()
+    pcm = recording()
+    levels = [int(v) for v in args.streams.split(",")]
+    report = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
+              "chunk_ms": CHUNK_S * 1000, "seconds_per_level": args.seconds, "modes": {}}
+    for mode, rows in (("cellular batching", 256), ("per-stream execution", 1)):
+        server, target = start_server(rows)
+        results = []
+        try:
+            for streams in levels:
+                result = asyncio.run(load(target, streams, args.seconds, pcm))
+                result["passed"] = result["p99_ms"] <= 100 and result["client_send_lag_p99_ms"] <= 50
+                results.append(result)
+                verdict = "ok" if result["passed"] else "FAIL"
+                print(f"{mode:<22} {streams:>4} streams: p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:7.1f} ms"
+                      f"  client lag p99 {result['client_send_lag_p99_ms']:5.1f} ms  {verdict}", flush=True)
+                if not result["passed"]:
+                    break
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+        passed = [r["streams"] for r in results if r["passed"]]
+        report["modes"][mode] = {"levels": results, "max_streams": max(passed) if passed else 0}
+    cellular = report["modes"]["cellular batching"]["max_streams"]
+    single = report["modes"]["per-stream execution"]["max_streams"]
+    report["ratio"] = cellular / single if single else None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"max real-time streams: cellular {cellular}, per-stream {single}; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
