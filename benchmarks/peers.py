@@ -1,0 +1,238 @@
+"""rnnserve against PyTriton (a real Triton server) and MLServer on the same ONNX file, same
+load, same machine, one run.
+
+    bash benchmarks/setup_peers.sh          # once: the peers' own venvs under .bench-venvs/
+    python benchmarks/peers.py [--repeats 3 --seconds 15]
+
+The model is benchmarks/peer_model.py's plain LSTM classifier (`ids` INT64 [B, 64] ->
+`logits` FP32 [B, 3]). Every server batches dynamically with max batch 32 and a 5 ms queue
+delay, runs ONNX Runtime on the CPU, and gets the same closed-loop tritonclient load: 32
+threads, single-row requests, 3 s warm-up, then --seconds measured. Server CPU is the
+user+system time of the server's process tree over the measured window, in cores.
+A peer whose venv is missing or that fails to start is reported as such, not dropped.
+Writes benchmarks/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".bench-venvs"
+THREADS, WARMUP_S = 32, 3.0
+LIBPYTHON = Path(sys.base_prefix) / "lib"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            ticks += int(stats[current][11]) + int(stats[current][12])
+        todo.extend(children.get(current, []))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(target: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(target)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if client.is_model_ready("lstm"):
+                return
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"not ready after {seconds:g} s: {log.read_text()[-1500:]}")
+
+
+def drive(target: str, seconds: float, on_window_start=None) -> dict:
+    """Closed loop: THREADS threads, one single-row request each at a time; on_window_start()
+    is called when the warm-up ends and the measured window begins."""
+    import tritonclient.grpc as triton
+
+    stop_at = [0.0]
+    latencies: list[list[float]] = [[] for _ in range(THREADS)]
+    errors = [0] * THREADS
+    measuring = threading.Event()
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 20_000, size=(256, 64), dtype=np.int64)
+
+    def worker(index: int) -> None:
+        client = triton.InferenceServerClient(target)
+        tensor = triton.InferInput("ids", [1, 64], "INT64")
+        count = 0
+        while time.perf_counter() < stop_at[0]:
+            tensor.set_data_from_numpy(rows[(index * 7 + count) % 256][None])
+            count += 1
+            started = time.perf_counter()
+            try:
+                client.infer("lstm", [tensor])
+            except Exception:  # counted, never hidden
+                errors[index] += 1
+                continue
+            if measuring.is_set():
+                latencies[index].append(time.perf_counter() - started)
+        client.close()
+
+    stop_at[0] = time.perf_counter() + WARMUP_S + seconds
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(WARMUP_S)
+    if on_window_start is not None:
+        on_window_start()
+    measuring.set()
+    window_start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    window = time.perf_counter() - window_start
+    values = np.array([v for per in latencies for v in per]) * 1000
+    return {
+        "requests": int(len(values)), "throughput_rps": len(values) / window,
+        "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+        "errors": int(sum(errors)), "window_s": window,
+    }
+
+
+def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
+    log = work / f"{name}.log"
+    handle = open(log, "w")
+    if name == "rnnserve":
+        command = [sys.executable, "-m", "serving", "serve", "--models", str(model.parent.parent.parent),
+                   "--port", str(port), "--batch-max-rows", "32", "--batch-max-delay-ms", "5"]
+        return subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    python = VENVS / name / "bin" / "python"
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: run bash benchmarks/setup_peers.sh")
+    if name == "pytriton":
+        environment = {**os.environ, "LD_LIBRARY_PATH": f"{LIBPYTHON}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        command = [str(python), str(ROOT / "benchmarks" / "peers" / "pytriton_server.py"), str(model), str(port)]
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
+                                start_new_session=True)
+    folder = work / "mlserver"
+    folder.mkdir(exist_ok=True)
+    (folder / "mlserver_runtime.py").write_text((ROOT / "benchmarks" / "peers" / "mlserver_runtime.py").read_text())
+    # parallel_workers 0: MLServer's worker pool fails to start on this Python ("no current event
+    # loop" in the worker); inference then runs in the server process.
+    (folder / "settings.json").write_text(json.dumps({
+        "grpc_port": port, "http_port": port + 1, "metrics_port": port + 2, "parallel_workers": 0}))
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": "lstm", "implementation": "mlserver_runtime.OnnxLstm", "max_batch_size": 32,
+        "max_batch_time": 0.005, "parameters": {"uri": str(model)}}))
+    return subprocess.Popen([str(VENVS / name / "bin" / "mlserver"), "start", str(folder)], cwd=folder,
+                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # every server runs in its own session
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--servers", default="rnnserve,pytriton,mlserver")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_model import build
+
+    work = Path(tempfile.mkdtemp(prefix="rnnserve-peers-"))
+    model = build(work / "repo" / "lstm" / "1" / "model.onnx")
+    servers = args.servers.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    failures: dict[str, str] = {}
+    for repeat in range(args.repeats):
+        for offset, name in enumerate(servers):
+            if name in failures:
+                continue
+            port = 8300 + 10 * offset
+            try:
+                process = start(name, model, port, work)
+            except FileNotFoundError as error:
+                failures[name] = str(error)
+                continue
+            try:
+                wait_ready(f"127.0.0.1:{port}", process, work / f"{name}.log")
+                cpu: list[float] = []
+                mark = functools.partial(lambda pid, into: into.append(tree_cpu_seconds(pid)), process.pid, cpu)
+                result = drive(f"127.0.0.1:{port}", args.seconds, mark)
+                cpu.append(tree_cpu_seconds(process.pid))
+                result["server_cpu_cores"] = (cpu[1] - cpu[0]) / result["window_s"]
+                runs[name].append(result)
+                print(f"repeat {repeat + 1} {name:<9} {result['throughput_rps']:7.0f} req/s"
+                      f"  p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms"
+                      f"  server CPU {result['server_cpu_cores']:.2f} cores  errors {result['errors']}", flush=True)
+            except RuntimeError as error:
+                failures[name] = str(error)
+                print(f"{name}: {error}", flush=True)
+            finally:
+                stop(process)
+
+    def summary(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+    table = {}
+    for name, results in runs.items():
+        if results:
+            table[name] = {key: summary([r[key] for r in results])
+                           for key in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_cores")}
+            table[name]["errors"] = sum(r["errors"] for r in results)
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "load": {"threads": THREADS, "rows_per_request": 1, "warmup_s": WARMUP_S, "seconds": args.seconds,
+                 "repeats": args.repeats},
+        "model": "LSTM classifier: vocab 20000, embedding 128, hidden 256, 3 outputs, ids INT64 [B, 64]",
+        "servers": table, "failures": failures, "runs": runs,
+    }
+    if "rnnserve" in table and "pytriton" in table:
+        report["rnnserve_vs_pytriton_throughput"] = (
+            table["rnnserve"]["throughput_rps"]["median"] / table["pytriton"]["throughput_rps"]["median"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    for name, row in table.items():
+        print(f"{name:<9} median {row['throughput_rps']['median']:7.0f} req/s, p99 {row['p99_ms']['median']:6.1f} ms,"
+              f" CPU {row['server_cpu_cores']['median']:.2f} cores")
+    for name, reason in failures.items():
+        print(f"{name}: not measured: {reason[:300]}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""PyTriton (a real Triton server) serving the peer model with ONNX Runtime in its Python
+backend: dynamic batching, max batch 32, 5 ms queue delay. Runs in its own venv.
+
+    python pytriton_server.py MODEL.onnx GRPC_PORT
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnxruntime
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+
+def main() -> None:
+    model_path, grpc_port = sys.argv[1], int(sys.argv[2])
+    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+
+    @batch
+    def infer(ids):
+        return {"logits": session.run(["logits"], {"ids": ids.astype(np.int64)})[0]}
+
+    config = TritonConfig(grpc_port=grpc_port, http_port=grpc_port + 1, metrics_port=grpc_port + 2)
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name="lstm", infer_func=infer,
+            inputs=[Tensor(name="ids", dtype=np.int64, shape=(64,))],
+            outputs=[Tensor(name="logits", dtype=np.float32, shape=(3,))],
+            config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher(max_queue_delay_microseconds=5000)),
+        )
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()
