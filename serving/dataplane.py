@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,6 +243,15 @@ class DataPlane:
     ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """A plain tensor model (no card): the graph's inputs in, its outputs out. Names,
         dtypes, ranks and fixed dimensions are checked against the graph."""
+        model, pending = self.submit_tensors(name, version, inputs, outputs, deadline)
+        return model, pending.result()
+
+    def submit_tensors(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+        deadline: float | None = None,
+    ) -> tuple[ModelVersion, Future]:
+        """infer_tensors without waiting: checks the inputs here and returns a Future of the
+        outputs (so an event loop can await it without a thread blocking on the batch)."""
         model = self.model(name, version)
         if model.card is not None:
             raise InvalidInput(f"model {name!r} is a {model.task} model: send its task inputs, not raw tensors")
@@ -274,10 +284,15 @@ class DataPlane:
         payload = ("tensors", feeds, tuple(wanted))
         batcher = self.batcher(model)
         rows = {array.shape[0] for array in feeds.values() if array.ndim}
-        if batcher is None or len(rows) != 1:  # no common batch axis: run alone
-            return model, self._run_tensor_jobs(model, [payload])[0]
+        if batcher is None or len(rows) != 1:  # no common batch axis: run alone, here
+            done: Future = Future()
+            try:
+                done.set_result(self._run_tensor_jobs(model, [payload])[0])
+            except InvalidInput as error:
+                done.set_exception(error)
+            return model, done
         key = ("tensors", tuple(wanted), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
-        return model, batcher.run(payload, rows.pop(), key=key, deadline=deadline)
+        return model, batcher.submit(payload, rows.pop(), key=key, deadline=deadline)
 
     @staticmethod
     def _run_tensor(model: ModelVersion, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:

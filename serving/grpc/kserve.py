@@ -10,6 +10,7 @@ with the graph's own names. Outputs come back as raw_output_contents, as Triton 
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
 
 import grpc
@@ -201,19 +202,41 @@ class InferenceServicer:
         _, predictions = self.dataplane.classify_audio(model.name, model.version, clips, deadline=deadline)
         return predictions
 
+    async def infer_tensor_model(self, request: pb.ModelInferRequest, deadline: float | None):
+        """A plain tensor model on the event loop: decoding and checks are cheap, and the batch
+        is awaited rather than waited for by a worker thread. None for task models."""
+        model = self.dataplane.model(request.model_name, request.model_version)
+        if model.card is not None:
+            return None
+        requested = [output.name for output in request.outputs]
+        model, pending = self.dataplane.submit_tensors(
+            model.name, model.version, decode_inputs(request), requested or None, deadline
+        )
+        results = await asyncio.wrap_future(pending)
+        named = [(name, FROM_NUMPY_NAME.get(str(value.dtype), "BYTES"), value) for name, value in results.items()]
+        return _response(model, request, named)
+
     async def ModelInfer(self, request, context):
         if is_sequence(request):
             return await run_async_call(context, self.infer_sequence(request), self.dataplane.metrics,
                                         "ModelInfer", request.model_name)
         deadline = deadline_of(context)
+        if request.model_name in self.dataplane.models and self.dataplane.batching is not None:
+            async def tensors_or_task():
+                response = await self.infer_tensor_model(request, deadline)
+                if response is None:
+                    loop = asyncio.get_running_loop()
+                    response = await loop.run_in_executor(self.executor, self.infer, request, deadline)
+                return response
+
+            return await run_async_call(context, tensors_or_task(), self.dataplane.metrics, "ModelInfer",
+                                        request.model_name)
         return await run_call(context, lambda: self.infer(request, deadline), self.executor, self.dataplane.metrics,
                               "ModelInfer", request.model_name)
 
     async def ModelStreamInfer(self, requests, context):
         """Each request gets one response on the stream; a failed request gets an error_message
         and the stream goes on."""
-        import asyncio
-
         loop = asyncio.get_running_loop()
         metrics = self.dataplane.metrics
         async for request in requests:
