@@ -48,6 +48,9 @@ container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke
 bench: $(VENV)/.installed-dev ## benchmarks, side by side in one run (results in benchmarks/results/)
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/streams.py
+	$(BIN)/python benchmarks/unary.py
+	$(BIN)/python benchmarks/footprint.py
+	bash benchmarks/setup_peers.sh && $(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

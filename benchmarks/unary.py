@@ -1,0 +1,131 @@
+"""Unary serving: throughput and latency against concurrency, dynamic batching on and off.
+
+    python benchmarks/unary.py [--clients 1,4,16,32,64 --seconds 8]
+
+The bundled `sentiment` model through the KServe v2 API (tritonclient, one text per
+request, closed loop: each client thread sends its next request when the previous answer
+arrives). The server runs with dynamic batching on (max 32 rows, 5 ms delay) and off (one row
+per ONNX Runtime call, no delay), each in its own process; levels interleave per repeat.
+Writes benchmarks/results/unary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP_S = 2.0
+TEXTS = ["what a wonderful flight, the crew was great", "my bags were lost again", "is the 6pm flight on time?",
+         "thanks for the upgrade, made my week", "two hours on the tarmac and no explanation"]
+MODES = {"batching on": ["--batch-max-rows", "32", "--batch-max-delay-ms", "5"],
+         "batching off": ["--batch-max-rows", "1", "--batch-max-delay-ms", "0"]}
+
+
+def drive(target: str, clients: int, seconds: float) -> dict:
+    import tritonclient.grpc as triton
+
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    measuring = threading.Event()
+    stop_at = time.perf_counter() + WARMUP_S + seconds
+
+    def worker(index: int) -> None:
+        client = triton.InferenceServerClient(target)
+        tensor = triton.InferInput("text", [1], "BYTES")
+        count = 0
+        while time.perf_counter() < stop_at:
+            tensor.set_data_from_numpy(np.array([TEXTS[(index + count) % len(TEXTS)].encode()], dtype=object))
+            count += 1
+            started = time.perf_counter()
+            try:
+                client.infer("sentiment", [tensor])
+            except Exception:  # counted in the report
+                errors[index] += 1
+                continue
+            if measuring.is_set():
+                latencies[index].append(time.perf_counter() - started)
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(WARMUP_S)
+    measuring.set()
+    window_start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    window = time.perf_counter() - window_start
+    values = np.array([v for per in latencies for v in per]) * 1000
+    return {"clients": clients, "throughput_rps": len(values) / window, "p50_ms": float(np.percentile(values, 50)),
+            "p99_ms": float(np.percentile(values, 99)), "errors": int(sum(errors))}
+
+
+def start(mode: str, port: int) -> subprocess.Popen:
+    log = Path(f"/tmp/rnnserve-unary-{port}.log")
+    server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", str(port), *MODES[mode]],
+                              cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    import tritonclient.grpc as triton
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if triton.InferenceServerClient(f"127.0.0.1:{port}").is_model_ready("sentiment"):
+                return server
+        except Exception:  # not listening yet
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(log.read_text()[-1500:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,4,16,32,64")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "unary.json")
+    args = parser.parse_args()
+    levels = [int(v) for v in args.clients.split(",")]
+    runs: dict[str, dict[int, list[dict]]] = {mode: {level: [] for level in levels} for mode in MODES}
+    servers = {mode: start(mode, 8500 + 10 * index) for index, mode in enumerate(MODES)}
+    try:
+        for _ in range(args.repeats):
+            for level in levels:
+                for index, mode in enumerate(MODES):
+                    result = drive(f"127.0.0.1:{8500 + 10 * index}", level, args.seconds)
+                    runs[mode][level].append(result)
+                    print(f"{mode:<13} {level:>3} clients: {result['throughput_rps']:7.0f} req/s  "
+                          f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors {result['errors']}",
+                          flush=True)
+    finally:
+        for server in servers.values():
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    table = {mode: {str(level): {key: statistics.median(r[key] for r in results)
+                                 for key in ("throughput_rps", "p50_ms", "p99_ms")}
+                    for level, results in per_level.items()}
+             for mode, per_level in runs.items()}
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model": "sentiment",
+              "seconds": args.seconds, "repeats": args.repeats, "modes": {m: MODES[m] for m in MODES},
+              "medians": table, "runs": {m: {str(k): v for k, v in r.items()} for m, r in runs.items()}}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
