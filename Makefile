@@ -46,6 +46,7 @@ container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke
 	PYTHON=$(BIN)/python bash deploy/docker/container-test.sh
 
 bench: $(VENV)/.installed-dev ## benchmarks, side by side in one run (results in benchmarks/results/)
+	$(BIN)/python benchmarks/runtime.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/streams.py
 	$(BIN)/python benchmarks/unary.py
