@@ -117,10 +117,18 @@ class DataPlane:
         self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
     ) -> np.ndarray:
         """Logits [len(rows), C] for one request, batched with concurrent ones when enabled."""
+        return self._submit_scores(model, kind, rows, deadline).result()
+
+    def _submit_scores(
+        self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
+    ) -> Future:
+        """A Future of _scores: queued on the model's batcher, or computed here without one."""
         batcher = self.batcher(model)
         if batcher is None:
-            return self._run_jobs(model, [(kind, rows)])[0]
-        return batcher.run((kind, rows), len(rows), key=kind, deadline=deadline)
+            done: Future = Future()
+            done.set_result(self._run_jobs(model, [(kind, rows)])[0])
+            return done
+        return batcher.submit((kind, rows), len(rows), key=kind, deadline=deadline)
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -178,6 +186,14 @@ class DataPlane:
     def classify_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
     ) -> tuple[ModelVersion, list[Prediction]]:
+        model, pending = self.submit_texts(name, version, texts, top_k, deadline)
+        return model, pending.result()
+
+    def submit_texts(
+        self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
+    ) -> tuple[ModelVersion, Future]:
+        """classify_texts without waiting: checks and tokenises here, returns a Future of the
+        predictions (an event loop can await it instead of a thread blocking on the batch)."""
         model = self.model(name, version)
         if model.encoder is None:
             raise InvalidInput(f"model {name!r} is a {model.task} model and does not take texts")
@@ -194,8 +210,17 @@ class DataPlane:
         for index, ids in enumerate(token_ids):
             if not ids:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
-        logits = self._scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids], deadline)
-        return model, self._predictions(logits, labels, top_k)
+        scores = self._submit_scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids], deadline)
+        predictions: Future = Future()
+
+        def finish(done: Future) -> None:
+            try:
+                predictions.set_result(self._predictions(done.result(), labels, top_k))
+            except BaseException as error:  # the batch's error (deadline, queue, model) goes to the caller
+                predictions.set_exception(error)
+
+        scores.add_done_callback(finish)
+        return model, predictions
 
     def classify_audio(
         self, name: str, version: str, clips: list[dict], top_k: int = 0, deadline: float | None = None

@@ -26,6 +26,9 @@ from serving.repository import ModelVersion
 from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
 
 PLATFORM = "onnxruntime_onnx"
+# Text requests up to this size are tokenised on the event loop (a few hundred microseconds at
+# most); larger ones go to the worker pool so the loop never stalls.
+SMALL_REQUEST_BYTES = 16 * 1024
 TASK_OUTPUTS = ("label", "probabilities")
 
 
@@ -202,13 +205,23 @@ class InferenceServicer:
         _, predictions = self.dataplane.classify_audio(model.name, model.version, clips, deadline=deadline)
         return predictions
 
-    async def infer_tensor_model(self, request: pb.ModelInferRequest, deadline: float | None):
-        """A plain tensor model on the event loop: decoding and checks are cheap, and the batch
-        is awaited rather than waited for by a worker thread. None for task models."""
+    async def infer_on_loop(self, request: pb.ModelInferRequest, deadline: float | None):
+        """Plain tensor models, and text models with small requests, on the event loop:
+        decoding, checks and tokenising are cheap there, and the batch is awaited rather than
+        waited for by a worker thread. None for the rest (audio, large texts)."""
         model = self.dataplane.model(request.model_name, request.model_version)
+        requested = [output.name for output in request.outputs]
+        if model.encoder is not None and request.ByteSize() <= SMALL_REQUEST_BYTES:
+            _check_task_outputs(model, requested)
+            arrays = decode_inputs(request)
+            if set(arrays) != {"text"}:
+                raise InvalidInput(f"inputs: model {model.name!r} takes one input named 'text', got {sorted(arrays)}")
+            model, pending = self.dataplane.submit_texts(model.name, model.version, _texts(arrays["text"]),
+                                                         deadline=deadline)
+            predictions = await asyncio.wrap_future(pending)
+            return _response(model, request, _task_tensors(model, predictions, requested))
         if model.card is not None:
             return None
-        requested = [output.name for output in request.outputs]
         model, pending = self.dataplane.submit_tensors(
             model.name, model.version, decode_inputs(request), requested or None, deadline
         )
@@ -223,7 +236,7 @@ class InferenceServicer:
         deadline = deadline_of(context)
         if request.model_name in self.dataplane.models and self.dataplane.batching is not None:
             async def tensors_or_task():
-                response = await self.infer_tensor_model(request, deadline)
+                response = await self.infer_on_loop(request, deadline)
                 if response is None:
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(self.executor, self.infer, request, deadline)

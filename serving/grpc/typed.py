@@ -14,7 +14,8 @@ from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.grpc.handlers import add_servicer
-from serving.grpc.status import deadline_of, run_call, status_code
+from serving.grpc.kserve import SMALL_REQUEST_BYTES
+from serving.grpc.status import deadline_of, run_async_call, run_call, status_code
 from serving.repository import ModelEntry
 from serving.streaming import AudioStream, Update
 
@@ -81,6 +82,15 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         texts = list(request.texts)
         clips = [_clip_arguments(clip) for clip in request.audio]
         deadline = deadline_of(context)
+        if texts and not clips and request.ByteSize() <= SMALL_REQUEST_BYTES and self.dataplane.batching is not None:
+            # Small text requests: tokenised on the event loop, the batch awaited (no worker thread).
+            async def on_loop():
+                _, pending = self.dataplane.submit_texts(request.model, request.version, texts, request.top_k,
+                                                         deadline)
+                return await asyncio.wrap_future(pending)
+
+            predictions = await run_async_call(context, on_loop(), self.dataplane.metrics, "Classify", request.model)
+            return self._classify_response(request.model, request.version, predictions)
 
         def classify():
             if texts and clips:
@@ -91,6 +101,10 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
 
         model, predictions = await run_call(context, classify, self.executor, self.dataplane.metrics, "Classify",
                                             request.model)
+        return self._classify_response(model.name, model.version, predictions)
+
+    def _classify_response(self, name: str, version: str, predictions) -> pb.ClassifyResponse:
+        model = self.dataplane.model(name, version)
         return pb.ClassifyResponse(
             model=model.name,
             version=model.version,
