@@ -25,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import closed_loop  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".bench-venvs"
@@ -77,52 +79,17 @@ def wait_ready(target: str, process: subprocess.Popen, log: Path, seconds: float
 
 
 def drive(target: str, seconds: float, on_window_start=None) -> dict:
-    """Closed loop: THREADS threads, one single-row request each at a time; on_window_start()
-    is called when the warm-up ends and the measured window begins."""
+    """The race's load: THREADS closed-loop clients, one random row of ids per request."""
     import tritonclient.grpc as triton
 
-    stop_at = [0.0]
-    latencies: list[list[float]] = [[] for _ in range(THREADS)]
-    errors = [0] * THREADS
-    measuring = threading.Event()
-    rng = np.random.default_rng(0)
-    rows = rng.integers(0, 20_000, size=(256, 64), dtype=np.int64)
+    rows = np.random.default_rng(0).integers(0, 20_000, size=(256, 64), dtype=np.int64)
 
-    def worker(index: int) -> None:
-        client = triton.InferenceServerClient(target)
+    def make_input(n: int):
         tensor = triton.InferInput("ids", [1, 64], "INT64")
-        count = 0
-        while time.perf_counter() < stop_at[0]:
-            tensor.set_data_from_numpy(rows[(index * 7 + count) % 256][None])
-            count += 1
-            started = time.perf_counter()
-            try:
-                client.infer("lstm", [tensor])
-            except Exception:  # counted, never hidden
-                errors[index] += 1
-                continue
-            if measuring.is_set():
-                latencies[index].append(time.perf_counter() - started)
-        client.close()
+        tensor.set_data_from_numpy(rows[n % 256][None])
+        return tensor
 
-    stop_at[0] = time.perf_counter() + WARMUP_S + seconds
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    time.sleep(WARMUP_S)
-    if on_window_start is not None:
-        on_window_start()
-    measuring.set()
-    window_start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    window = time.perf_counter() - window_start
-    values = np.array([v for per in latencies for v in per]) * 1000
-    return {
-        "requests": int(len(values)), "throughput_rps": len(values) / window,
-        "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
-        "errors": int(sum(errors)), "window_s": window,
-    }
+    return closed_loop(target, "lstm", THREADS, seconds, make_input, WARMUP_S, on_window_start)
 
 
 def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
@@ -169,7 +136,6 @@ def main() -> int:
     parser.add_argument("--servers", default="rnnserve,pytriton,mlserver")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from peer_model import build
 
     work = Path(tempfile.mkdtemp(prefix="rnnserve-peers-"))

@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the flight crew was great awful delayed again lost my bags thanks lovely seat food service app "
          "crashing never fly with you cancelled ok gate agent rude helpful refund").split()
@@ -71,20 +74,6 @@ def run_cli(arguments: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_mib": rss / 1024}
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", "0"], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
-        if match:
-            return server, f"127.0.0.1:{match.group(1)}"
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError(Path(log.name).read_text())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
@@ -102,7 +91,7 @@ def main() -> int:
     if args.skip_ray:
         del modes["ray"]
     results: dict[str, list] = {"ceiling_rows_per_s": [], **{mode: [] for mode in modes}}
-    server, target = start_server()
+    server, target = start_rnnserve()
     try:
         for _ in range(args.repeats):
             results["ceiling_rows_per_s"].append(ceiling(texts))

@@ -17,15 +17,16 @@ import argparse
 import asyncio
 import json
 import platform
-import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_S = 0.1
@@ -100,21 +101,6 @@ async def load(target: str, streams: int, seconds: float, pcm: bytes) -> dict:
     }
 
 
-def start_server(step_rows: int) -> tuple[subprocess.Popen, str]:
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--port", "0", "--stream-batch-max-rows", str(step_rows),
-         "--max-streams", "5000"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
-        if match:
-            return server, f"127.0.0.1:{match.group(1)}"
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError(Path(log.name).read_text())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="25,50,100,200,300,400,500,700",
@@ -127,7 +113,7 @@ def main() -> int:
     report = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
               "chunk_ms": CHUNK_S * 1000, "seconds_per_level": args.seconds, "modes": {}}
     for mode, rows in (("cellular batching", 256), ("per-stream execution", 1)):
-        server, target = start_server(rows)
+        server, target = start_rnnserve("--stream-batch-max-rows", str(rows), "--max-streams", "5000")
         results = []
         try:
             for streams in levels:

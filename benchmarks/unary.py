@@ -17,13 +17,13 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import closed_loop, start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_S = 2.0
@@ -36,59 +36,12 @@ MODES = {"batching on": ["--batch-max-rows", "32", "--batch-max-delay-ms", "5"],
 def drive(target: str, clients: int, seconds: float) -> dict:
     import tritonclient.grpc as triton
 
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    measuring = threading.Event()
-    stop_at = time.perf_counter() + WARMUP_S + seconds
-
-    def worker(index: int) -> None:
-        client = triton.InferenceServerClient(target)
+    def make_input(n: int):
         tensor = triton.InferInput("text", [1], "BYTES")
-        count = 0
-        while time.perf_counter() < stop_at:
-            tensor.set_data_from_numpy(np.array([TEXTS[(index + count) % len(TEXTS)].encode()], dtype=object))
-            count += 1
-            started = time.perf_counter()
-            try:
-                client.infer("sentiment", [tensor])
-            except Exception:  # counted in the report
-                errors[index] += 1
-                continue
-            if measuring.is_set():
-                latencies[index].append(time.perf_counter() - started)
-        client.close()
+        tensor.set_data_from_numpy(np.array([TEXTS[n % len(TEXTS)].encode()], dtype=object))
+        return tensor
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    time.sleep(WARMUP_S)
-    measuring.set()
-    window_start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    window = time.perf_counter() - window_start
-    values = np.array([v for per in latencies for v in per]) * 1000
-    return {"clients": clients, "throughput_rps": len(values) / window, "p50_ms": float(np.percentile(values, 50)),
-            "p99_ms": float(np.percentile(values, 99)), "errors": int(sum(errors))}
-
-
-def start(mode: str, port: int) -> subprocess.Popen:
-    log = Path(f"/tmp/rnnserve-unary-{port}.log")
-    server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", str(port), *MODES[mode]],
-                              cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    import tritonclient.grpc as triton
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if triton.InferenceServerClient(f"127.0.0.1:{port}").is_model_ready("sentiment"):
-                return server
-        except Exception:  # not listening yet
-            pass
-        if server.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise RuntimeError(log.read_text()[-1500:])
+    return closed_loop(target, "sentiment", clients, seconds, make_input, WARMUP_S)
 
 
 def main() -> int:
@@ -100,18 +53,18 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(v) for v in args.clients.split(",")]
     runs: dict[str, dict[int, list[dict]]] = {mode: {level: [] for level in levels} for mode in MODES}
-    servers = {mode: start(mode, 8500 + 10 * index) for index, mode in enumerate(MODES)}
+    servers = {mode: start_rnnserve(*flags) for mode, flags in MODES.items()}
     try:
         for _ in range(args.repeats):
             for level in levels:
-                for index, mode in enumerate(MODES):
-                    result = drive(f"127.0.0.1:{8500 + 10 * index}", level, args.seconds)
+                for mode in MODES:
+                    result = drive(servers[mode][1], level, args.seconds)
                     runs[mode][level].append(result)
                     print(f"{mode:<13} {level:>3} clients: {result['throughput_rps']:7.0f} req/s  "
                           f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors {result['errors']}",
                           flush=True)
     finally:
-        for server in servers.values():
+        for server, _ in servers.values():
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
     table = {mode: {str(level): {key: statistics.median(r[key] for r in results)

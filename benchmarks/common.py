@@ -1,0 +1,79 @@
+"""Pieces the benchmarks share: starting a server and driving a closed-loop tritonclient load."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`rnnserve serve --port 0 FLAGS` in its own process and session; returns it and its target
+    once the log says which port it bound."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", "0", *flags], cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.poll() is None:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
+        if match:
+            return server, f"127.0.0.1:{match.group(1)}"
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(Path(log.name).read_text()[-2000:])
+
+
+def closed_loop(target: str, model: str, threads: int, seconds: float, make_input: Callable[[int], object],
+                warmup_s: float = 3.0, on_window_start: Callable[[], None] | None = None) -> dict:
+    """`threads` tritonclient threads, each sending its next request when the previous answer
+    arrives; make_input(n) builds the n-th request's InferInput. Latencies count only after the
+    warm-up; on_window_start() runs when the measured window begins."""
+    import tritonclient.grpc as triton
+
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+    measuring = threading.Event()
+    stop_at = time.perf_counter() + warmup_s + seconds
+
+    def worker(index: int) -> None:
+        client = triton.InferenceServerClient(target)
+        count = 0
+        while time.perf_counter() < stop_at:
+            tensor = make_input(index * 1_000_003 + count)
+            count += 1
+            started = time.perf_counter()
+            try:
+                client.infer(model, [tensor])
+            except Exception:  # counted in the report, never hidden
+                errors[index] += 1
+                continue
+            if measuring.is_set():
+                latencies[index].append(time.perf_counter() - started)
+        client.close()
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    time.sleep(warmup_s)
+    if on_window_start is not None:
+        on_window_start()
+    measuring.set()
+    window_start = time.perf_counter()
+    for thread in workers:
+        thread.join()
+    window = time.perf_counter() - window_start
+    values = np.array([v for per in latencies for v in per]) * 1000
+    return {
+        "clients": threads, "requests": int(len(values)), "throughput_rps": len(values) / window,
+        "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+        "errors": int(sum(errors)), "window_s": window,
+    }
