@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_score(subparsers) -> None:
+    from serving.scoring.cli import __doc__ as cli_doc
     from serving.scoring.run import __doc__ as run_doc
 
     score = subparsers.add_parser(
         "score", help="score files with a model: in-process, against a server, or on Ray",
         description="Score every row of a file (or every audio file of a folder or glob) with one model and "
-        "write one result row per input.\n\n" + run_doc.split("\n\n", 1)[1],
+        "write one result row per input.\n\n" + run_doc.split("\n\n", 1)[1] + "\n" + cli_doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_argument("--model", required=True, help="model name")
@@ -128,7 +129,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from serving.scoring.run import ScoreOptions, score
+    from serving.scoring.cli import score
+    from serving.scoring.run import ScoreOptions
 
     def read(path: Path | None) -> bytes | None:
         return path.read_bytes() if path else None

@@ -1,14 +1,9 @@
-"""`rnnserve score`: read rows in batches, score them, write results in input order.
+"""`rnnserve score`'s job: read rows in batches, score them, write results in input order.
 
 Memory stays flat: rows are read lazily, at most `concurrency + 1` batches are in flight,
 and results are written as they complete. The output appears under its name only when the
 whole input went through; a bad row stops the run naming file and row (or, with
 `--on-error skip`, goes to the rejects file with the reason).
-
-Exit codes: 0 done (rows may have been skipped with --on-error skip), 1 a bad row stopped
-the run, 2 a usage problem (arguments, unreadable input, missing column, unknown model,
-refused token), 3 the server failed or stayed unavailable through the retries, 130
-interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ import numpy as np
 
 from serving.scoring.engines import Outcome, ScoringError
 from serving.scoring.readers import InputError, Row, count_rows, input_format, read_rows
-from serving.scoring.writers import OutputError, RejectWriter, ResultWriter, output_format
+from serving.scoring.writers import RejectWriter, ResultWriter, output_format
 
 
 @dataclass
@@ -92,24 +87,6 @@ def _scored_in_order(engine, batches: Iterator[list[Row]], concurrency: int) -> 
             yield done_rows, future.result()
 
 
-def score(options: ScoreOptions) -> int:
-    """Run the whole job; returns the exit code (messages go to stderr)."""
-    try:
-        return _score(options)
-    except BadRow as error:
-        print(f"error: {error} (use --on-error skip to continue past bad rows)", file=sys.stderr)
-        return 1
-    except (InputError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ScoringError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
-
-
 def _engine(options: ScoreOptions):
     from serving.scoring.engines import LocalEngine, RemoteEngine
 
@@ -127,7 +104,16 @@ def _engine(options: ScoreOptions):
     return LocalEngine(options.models, options.model, options.version, RuntimeOptions(providers))
 
 
-def _score(options: ScoreOptions) -> int:
+@dataclass
+class Summary:
+    written: int
+    rejected: int
+    rejects_path: str | None
+
+
+def run(options: ScoreOptions) -> Summary:
+    """The whole job. Raises BadRow, InputError, OutputError, ScoringError or KeyboardInterrupt;
+    serving/scoring/cli.py turns them into messages and exit codes."""
     kind = input_format(options.input, options.input_format)
     out_kind = output_format(options.output, options.output_format)
     if options.batch_size < 1:
@@ -166,13 +152,7 @@ def _score(options: ScoreOptions) -> int:
         engine.close()
         if source:
             source.close()
-    skipped = rejects.count if rejects else 0
-    where = "stdout" if options.output == "-" else options.output
-    message = f"scored {written} rows -> {where}"
-    if rejects is not None:
-        message += f"; {skipped} rejected -> {rejects.path}"
-    print(message, file=sys.stderr)
-    return 0
+    return Summary(written, rejects.count if rejects else 0, rejects.path if rejects else None)
 
 
 def _rejects_path(output: str) -> str:

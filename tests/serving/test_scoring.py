@@ -18,7 +18,8 @@ import soundfile
 from serving.dataplane import DataPlane
 from serving.grpc.server import BackgroundServer
 from serving.repository import load_repository
-from serving.scoring.run import ScoreOptions, score
+from serving.scoring.cli import score
+from serving.scoring.run import ScoreOptions
 from serving.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
