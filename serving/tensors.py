@@ -5,12 +5,15 @@ Transport-independent: the gRPC KServe servicer uses it, and so could an HTTP on
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 
 from serving.errors import InvalidInput
 
+# Most axes a tensor may have (numpy's own limit is 64).
+MAX_DIMS = 32
 # KServe v2 datatype -> numpy dtype (little-endian on the wire).
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -65,7 +68,10 @@ def decode_tensor(field: str, datatype: str, shape: list[int], contents, raw: by
         raise InvalidInput(f"{field}.datatype: {datatype!r} is not a KServe v2 datatype ({', '.join(DTYPES)})")
     if any(dim < 0 for dim in shape):
         raise InvalidInput(f"{field}.shape: {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{field}.shape: {len(shape)} dimensions, limit {MAX_DIMS}")
+    # Python integers: an int64 product of huge dimensions would wrap around (even to 0).
+    count = math.prod(shape)
     if raw is not None:
         if datatype == "BYTES":
             return _objects(decode_bytes(raw, count, field), shape)

@@ -17,8 +17,62 @@ from google.protobuf.message import DecodeError
 
 
 class UndecodableRequest:
-    def __init__(self, type_name: str, error: DecodeError):
-        self.message = f"request is not a valid {type_name}: {error}"
+    def __init__(self, type_name: str, error: DecodeError, field: str | None = None):
+        where = f" ({field}: not valid UTF-8)" if field else ""
+        self.message = f"request is not a valid {type_name}{where}: {error}"
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        byte = data[position]  # IndexError past the end: the caller gives up
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    raise IndexError("varint too long")
+
+
+def invalid_utf8_field(descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The path (e.g. `texts[1]`, `chunk.text`) of the first string field holding invalid UTF-8
+    in the wire bytes of a `descriptor` message, or None when none is found. The decoder's own
+    error does not say which field it was."""
+    seen: dict[int, int] = {}
+    position = 0
+    try:
+        while position < len(data):
+            key, position = _varint(data, position)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, position = _varint(data, position)
+                continue
+            if wire_type in (1, 5):
+                position += 8 if wire_type == 1 else 4
+                continue
+            if wire_type != 2:
+                return None
+            length, position = _varint(data, position)
+            value, position = data[position : position + length], position + length
+            field = descriptor.fields_by_number.get(number)
+            if field is None:
+                continue
+            name = prefix + field.name
+            if field.is_repeated:
+                seen[number] = seen.get(number, -1) + 1
+                name += f"[{seen[number]}]"
+            if field.type == field.TYPE_STRING:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return name
+            elif field.type == field.TYPE_MESSAGE:
+                found = invalid_utf8_field(field.message_type, value, name + ".")
+                if found:
+                    return found
+    except IndexError:
+        return None
+    return None
 
 
 def _deserializer(message_class):
@@ -26,7 +80,11 @@ def _deserializer(message_class):
         try:
             return message_class.FromString(data)
         except DecodeError as error:
-            return UndecodableRequest(message_class.DESCRIPTOR.full_name, error)
+            try:
+                field = invalid_utf8_field(message_class.DESCRIPTOR, data) if "UTF-8" in str(error) else None
+            except Exception:  # naming the field is a courtesy: it must never fail the call itself
+                field = None
+            return UndecodableRequest(message_class.DESCRIPTOR.full_name, error, field)
 
     return parse
 

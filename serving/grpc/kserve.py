@@ -11,12 +11,14 @@ with the graph's own names. Outputs come back as raw_output_contents, as Triton 
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import Executor
 
 import grpc
 import numpy as np
 
 from serving import __version__
+from serving.audio import MAX_SOURCE_RATE_HZ
 from serving.dataplane import DataPlane, Prediction
 from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.inference import inference_pb2 as pb
@@ -322,8 +324,10 @@ def _sample_rate(request: pb.ModelInferRequest, model: ModelVersion) -> int:
     if "sample_rate_hz" not in request.parameters:
         return model.frontend.config.sample_rate_hz
     rate = _parameter(request.parameters["sample_rate_hz"])
-    if not isinstance(rate, int | float) or isinstance(rate, bool) or rate != int(rate):
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not math.isfinite(rate) or rate != int(rate):
         raise InvalidInput("parameters[sample_rate_hz]: must be an integer number of Hz")
+    if not 0 < rate <= MAX_SOURCE_RATE_HZ:
+        raise InvalidInput(f"parameters[sample_rate_hz]: {int(rate)}, must be 1 to {MAX_SOURCE_RATE_HZ} Hz")
     return int(rate)
 
 

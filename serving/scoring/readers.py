@@ -67,11 +67,14 @@ def count_rows(path: str, kind: str, text_column: str | None = None) -> int | No
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError) as error:  # pyarrow raises ArrowInvalid (a ValueError) for non-Parquet
+            raise InputError(f"{path}: not a readable Parquet file ({error})") from None
     if kind == "audio":
         return len(audio_files(path))
     lines, last = 0, b"\n"
-    with open(path, "rb") as handle:
+    with _binary(path) as handle:  # a missing file is the user's mistake: InputError, not a traceback
         while block := handle.read(1 << 20):
             lines += block.count(b"\n")
             last = block[-1:]
