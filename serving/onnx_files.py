@@ -56,12 +56,21 @@ def _read_external(folder: Path, location: str, offset: int, length: int | None)
             info = os.lstat(path)
         except FileNotFoundError:
             raise ModelLoadError(f"external data file {location!r} is missing") from None
+        except (OSError, ValueError) as error:  # a NUL byte, a name too long, a file where a folder should be
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ModelLoadError(f"external data location {location!r} cannot be used: {reason}") from None
         if stat.S_ISLNK(info.st_mode):
             raise ModelLoadError(f"external data {location!r} goes through a symbolic link")
     if not stat.S_ISREG(info.st_mode):
         raise ModelLoadError(f"external data {location!r} is not a regular file")
     if info.st_nlink > 1:
         raise ModelLoadError(f"external data file {location!r} has more than one hard link")
+    # Checked before reading: a declared length far beyond the file must not allocate it.
+    if offset > info.st_size or (length is not None and offset + length > info.st_size):
+        raise ModelLoadError(
+            f"external data {location!r} is shorter than declared: offset {offset}, length {length}, "
+            f"the file holds {info.st_size} bytes"
+        )
     with open(path, "rb") as handle:
         handle.seek(offset)
         data = handle.read() if length is None else handle.read(length)
@@ -89,6 +98,10 @@ def self_contained(model_bytes: bytes, folder: Path, label: str) -> bytes:
             length = int(entries["length"]) if "length" in entries else None
         except ValueError:
             raise ModelLoadError(f"{label}: tensor {tensor.name!r} has a malformed external data entry") from None
+        if offset < 0 or (length is not None and length < 0):
+            raise ModelLoadError(
+                f"{label}: tensor {tensor.name!r}: external data offset {offset} / length {length} is negative"
+            )
         try:
             data = _read_external(folder, entries.get("location", ""), offset, length)
         except ModelLoadError as error:

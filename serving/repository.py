@@ -56,6 +56,8 @@ class ModelEntry:
     versions: dict[str, ModelVersion] = field(default_factory=dict)
     # version -> why it did not load
     failures: dict[str, str] = field(default_factory=dict)
+    # why the model folder itself was refused (then no version is even looked at)
+    problem: str = ""
 
     @property
     def ready(self) -> bool:
@@ -65,6 +67,8 @@ class ModelEntry:
     def reason(self) -> str:
         if self.ready:
             return ""
+        if self.problem:
+            return self.problem
         if not self.failures:
             return "no version folder (numeric name) found"
         return "; ".join(f"version {v}: {why}" for v, why in sorted(self.failures.items()))
@@ -85,6 +89,8 @@ def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
         if required:
             raise ModelLoadError(f"{path}: missing") from None
         return None
+    except (OSError, ValueError) as error:  # a NUL byte, a name too long, a version "folder" that is a file
+        raise ModelLoadError(f"{path}: cannot be read: {getattr(error, 'strerror', None) or error}") from None
     if stat.S_ISLNK(info.st_mode):
         raise ModelLoadError(f"{path}: symbolic links are refused")
     if not stat.S_ISREG(info.st_mode):
@@ -186,8 +192,13 @@ def load_repository(
             continue
         if only is not None and model_dir.name not in only:
             continue
-        if not MODEL_NAME.match(model_dir.name) or model_dir.is_symlink():
-            log.warning("skipping %s: not a valid model folder name or a symbolic link", model_dir)
+        if not MODEL_NAME.match(model_dir.name):
+            log.warning("skipping %s: not a valid model folder name", model_dir)
+            continue
+        if model_dir.is_symlink():  # reported not ready, never followed
+            problem = f"{model_dir}: symbolic links are refused"
+            entries[model_dir.name] = ModelEntry(name=model_dir.name, problem=problem)
+            log.error("model %s not loaded: %s", model_dir.name, problem)
             continue
         entry = entries[model_dir.name] = ModelEntry(name=model_dir.name)
         for version_dir in sorted(model_dir.iterdir()):
@@ -198,6 +209,9 @@ def load_repository(
             except ModelLoadError as error:
                 entry.failures[version_dir.name] = str(error)
                 log.error("model %s version %s not loaded: %s", model_dir.name, version_dir.name, error)
+            except Exception as error:  # a loader bug must cost this version, not the whole server
+                log.exception("model %s version %s not loaded", model_dir.name, version_dir.name)
+                entry.failures[version_dir.name] = f"{version_dir}: cannot load: {error.__class__.__name__}: {error}"
         if entry.ready:
             log.info(
                 "model %s: versions %s on %s", entry.name, ", ".join(entry.version_names()),
