@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -64,7 +65,20 @@ class FixedAxesError(ExportError):
 def load_run(run_dir: Path) -> tuple[dict, RNNClassifier]:
     run = json.loads((run_dir / "run.json").read_text())
     model = RNNClassifier(ClassifierConfig(**run["model_config"]))
-    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    checkpoint = run_dir / "checkpoint.pt"
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run their code.
+        state = torch.load(checkpoint, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False; only its diagnosis is worth repeating.
+        lines = [line.split("WeightsUnpickler error:", 1)[1] for line in str(error).splitlines()
+                 if "WeightsUnpickler error:" in line]
+        reason = lines[0].split(". Please", 1)[0].strip() if lines else error.__class__.__name__
+        raise ExportError(
+            f"{checkpoint}: refused, it holds more than tensors and weights (loaded with weights_only=True): "
+            f"{reason}"
+        ) from None
+    model.load_state_dict(state)
     return run, model.eval()
 
 
