@@ -45,13 +45,18 @@ models: $(VENV)/.installed-dev ## retrain the bundled models and export them as 
 container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke-test it, print its size
 	PYTHON=$(BIN)/python bash deploy/docker/container-test.sh
 
-bench: $(VENV)/.installed-dev ## benchmarks, side by side in one run (results in benchmarks/results/)
+bench: $(VENV)/.installed-dev ## benchmarks side by side in one run: BENCHMARKS.md, benchmarks/plots, benchmarks/results
+	mkdir -p benchmarks/results && date +%s > benchmarks/results/started_at
+	bash benchmarks/setup_peers.sh
+	(command -v podman >/dev/null && podman image exists localhost/rnnserve:cpu) || $(MAKE) container-test \
+	  || echo "bench: the CPU image could not be built; BENCHMARKS.md reports its size as missing"
 	$(BIN)/python benchmarks/runtime.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/streams.py
 	$(BIN)/python benchmarks/unary.py
 	$(BIN)/python benchmarks/footprint.py
-	bash benchmarks/setup_peers.sh && $(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

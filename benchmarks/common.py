@@ -77,3 +77,29 @@ def closed_loop(target: str, model: str, threads: int, seconds: float, make_inpu
         "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
         "errors": int(sum(errors)), "window_s": window,
     }
+
+
+def profile(pid: int, seconds: float, groups: dict[str, str]) -> dict | None:
+    """py-spy samples of process `pid` for `seconds` (busy threads only); returns the share of
+    samples whose stack passes through each group's frame name (a substring of py-spy's
+    'function (file:line)'), or None when py-spy is not installed or cannot attach."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        done = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+                               "--format", "raw", "--nonblocking", "--output", out.name],
+                              capture_output=True, text=True)
+        text = Path(out.name).read_text() if done.returncode == 0 else ""
+    stacks = []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack, int(count)))
+    total = sum(count for _, count in stacks)
+    if not total:
+        return None
+    shares = {name: sum(count for stack, count in stacks if frame in stack) / total for name, frame in groups.items()}
+    return {"samples": total, "seconds": seconds, "shares": shares}

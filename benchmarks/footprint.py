@@ -92,7 +92,7 @@ def main() -> int:
             image = int(probe.stdout.strip()) / 1e6
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "models": sorted(p.name for p in (ROOT / "models").iterdir() if p.is_dir()),
+        "models": sorted(p.name for p in (ROOT / "models").iterdir() if p.is_dir()), "repeats": args.repeats,
         "start_to_ready_s": {"median": statistics.median(ready), "min": min(ready), "max": max(ready)},
         "rss_ready_mib": statistics.median(rss_ready), "rss_after_requests_mib": statistics.median(rss_used),
         "image_mb": image,

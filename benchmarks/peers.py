@@ -25,13 +25,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, profile  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".bench-venvs"
@@ -90,6 +91,27 @@ def drive(target: str, seconds: float, on_window_start=None) -> dict:
         return tensor
 
     return closed_loop(target, "lstm", THREADS, seconds, make_input, WARMUP_S, on_window_start)
+
+
+PROFILE_GROUPS = {
+    "event loop thread (gRPC messages, request checks, responses)": "run_forever",
+    "batcher thread": "Batcher._work",
+    "  ONNX Runtime calls": "Session.run",
+}
+
+
+def model_alone(model: Path, seconds: float = 3.0) -> float:
+    """Rows/s of the ONNX file at batch 32 in a warm ONNX Runtime loop (default session options)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(1).integers(0, 20_000, size=(32, 64), dtype=np.int64)
+    session.run(None, {"ids": rows})
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        session.run(None, {"ids": rows})
+        calls += 1
+    return calls * 32 / (time.perf_counter() - started)
 
 
 def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
@@ -170,6 +192,25 @@ def main() -> int:
             finally:
                 stop(process)
 
+    # Where rnnserve's time goes under this load: one more window with py-spy attached.
+    rnnserve_profile = None
+    if "rnnserve" in runs and runs["rnnserve"]:
+        process = start("rnnserve", model, 8300, work)
+        try:
+            wait_ready("127.0.0.1:8300", process, work / "rnnserve.log")
+            recorder: dict = {}
+
+            def begin(pid=process.pid) -> None:
+                recorder["thread"] = threading.Thread(target=lambda: recorder.__setitem__(
+                    "profile", profile(pid, args.seconds - 2, PROFILE_GROUPS)))
+                recorder["thread"].start()
+
+            drive("127.0.0.1:8300", args.seconds, begin)
+            recorder["thread"].join()
+            rnnserve_profile = recorder.get("profile")
+        finally:
+            stop(process)
+
     def summary(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
@@ -184,7 +225,8 @@ def main() -> int:
         "load": {"threads": THREADS, "rows_per_request": 1, "warmup_s": WARMUP_S, "seconds": args.seconds,
                  "repeats": args.repeats},
         "model": "LSTM classifier: vocab 20000, embedding 128, hidden 256, 3 outputs, ids INT64 [B, 64]",
-        "servers": table, "failures": failures, "runs": runs,
+        "servers": table, "failures": failures, "runs": runs, "model_alone_rows_per_s": model_alone(model),
+        "profile": rnnserve_profile and {**rnnserve_profile, "clients": THREADS},
     }
     if "rnnserve" in table and "pytriton" in table:
         report["rnnserve_vs_pytriton_throughput"] = (

@@ -91,7 +91,7 @@ def main() -> int:
     options.intra_op_num_threads = 1
     rng = np.random.default_rng(0)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "onnxruntime": onnxruntime.__version__}, "threads": 1, "models": {}}
+                          "onnxruntime": onnxruntime.__version__}, "threads": 1, "repeats": args.repeats, "models": {}}
     for folder in sorted((ROOT / "models").glob("*/1")):
         model, card = torch_model(folder)
         name = input_name = card["inputs"][0]["name"]

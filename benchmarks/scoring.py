@@ -116,6 +116,7 @@ def main() -> int:
         "ceiling_rows_per_s": summary(results["ceiling_rows_per_s"]),
         "cli_rows_per_s": {mode: summary(results[mode]) for mode in modes},
         "cli_vs_ceiling": {mode: statistics.median(results[mode]) / ceiling_median for mode in modes},
+        "memory_rows": args.memory_rows, "memory_run_rows_per_s": args.memory_rows / memory["seconds"],
         "peak_rss_mib": {
             f"{args.rows} rows": small["peak_rss_mib"], f"{args.memory_rows} rows": memory["peak_rss_mib"],
         },

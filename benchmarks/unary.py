@@ -47,7 +47,7 @@ def drive(target: str, clients: int, seconds: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,16,32,64")
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "unary.json")
     args = parser.parse_args()
@@ -67,13 +67,16 @@ def main() -> int:
         for server, _ in servers.values():
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
-    table = {mode: {str(level): {key: statistics.median(r[key] for r in results)
+    def summary(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    table = {mode: {str(level): {key: summary([r[key] for r in results])
                                  for key in ("throughput_rps", "p50_ms", "p99_ms")}
                     for level, results in per_level.items()}
              for mode, per_level in runs.items()}
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model": "sentiment",
               "seconds": args.seconds, "repeats": args.repeats, "modes": {m: MODES[m] for m in MODES},
-              "medians": table, "runs": {m: {str(k): v for k, v in r.items()} for m, r in runs.items()}}
+              "summary": table, "runs": {m: {str(k): v for k, v in r.items()} for m, r in runs.items()}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
