@@ -61,6 +61,39 @@ class ServerSettings(BaseSettings):
     stream_batch_max_rows: int = Field(
         256, gt=0, description="Cellular batching: most stream steps in one ONNX Runtime call (1: one per call)."
     )
+    keepalive_time_s: float = Field(
+        60.0, gt=0, description="Ping a connection with calls in flight after this long without data, to find "
+        "dead clients (their streams are then freed)."
+    )
+    keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="Close a connection whose keepalive ping gets no answer within this long."
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        10.0, ge=0, description="Clients may ping at most this often; pings without calls in flight are refused "
+        "outright. Each ping too soon is a strike."
+    )
+    keepalive_max_ping_strikes: int = Field(
+        2, ge=0, description="Strikes before a client pinging too often is disconnected (GOAWAY too_many_pings; "
+        "0: no limit)."
+    )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the gRPC server: message sizes and keepalive enforcement."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # Dead clients: ping when a connection with calls in flight has been quiet this long.
+            ("grpc.keepalive_time_ms", round(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.keepalive_timeout_s * 1000)),
+            # Abusive clients: no pings without calls, none more often than the interval, and
+            # GOAWAY (ENHANCE_YOUR_CALM, "too_many_pings") after the strikes.
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", round(self.keepalive_min_ping_interval_s * 1000)),
+            ("grpc.http2.max_ping_strikes", self.keepalive_max_ping_strikes),
+            # gRPC shares ports by default on Linux: a second server on a busy port would
+            # silently split the traffic instead of failing.
+            ("grpc.so_reuseport", 0),
+        ]
 
     def stream_limits(self):
         from serving.streaming import StreamLimits

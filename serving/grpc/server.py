@@ -82,13 +82,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     token = settings.bearer_token()
     interceptors = [BearerTokenInterceptor(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        # gRPC shares ports by default on Linux: a second server on a busy port would
-        # silently split the traffic instead of failing.
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(interceptors=interceptors, options=settings.grpc_options())
     typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
     kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server)
 
