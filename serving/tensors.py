@@ -14,6 +14,8 @@ from serving.errors import InvalidInput
 
 # Most axes a tensor may have (numpy's own limit is 64).
 MAX_DIMS = 32
+# Most elements a tensor's non-zero dimensions may span.
+MAX_ELEMENTS = 2**31 - 1
 # KServe v2 datatype -> numpy dtype (little-endian on the wire).
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -72,6 +74,10 @@ def decode_tensor(field: str, datatype: str, shape: list[int], contents, raw: by
         raise InvalidInput(f"{field}.shape: {len(shape)} dimensions, limit {MAX_DIMS}")
     # Python integers: an int64 product of huge dimensions would wrap around (even to 0).
     count = math.prod(shape)
+    # numpy refuses a shape whose dimensions span more than its index range even when one of
+    # them is 0 ([0, 2**62]): no message could carry such a tensor anyway.
+    if math.prod(dim for dim in shape if dim) > MAX_ELEMENTS:
+        raise InvalidInput(f"{field}.shape: {list(shape)} spans more than {MAX_ELEMENTS} elements (limit)")
     if raw is not None:
         if datatype == "BYTES":
             return _objects(decode_bytes(raw, count, field), shape)

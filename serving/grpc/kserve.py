@@ -11,6 +11,7 @@ with the graph's own names. Outputs come back as raw_output_contents, as Triton 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from concurrent.futures import Executor
 
@@ -26,6 +27,8 @@ from serving.grpc.handlers import add_servicer
 from serving.grpc.status import deadline_of, run_async_call, run_call
 from serving.repository import ModelVersion
 from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
+
+log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 # Text requests up to this size are tokenised on the event loop (a few hundred microseconds at
@@ -264,6 +267,14 @@ class InferenceServicer:
                 metrics.requests.labels("ModelStreamInfer", request.model_name, error.code).inc()
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{error.code}: {error}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )
+                continue
+            except Exception:  # a bug, not the client's mistake: say so, keep the stream, log the details
+                log.exception("unexpected error in ModelStreamInfer")
+                metrics.requests.labels("ModelStreamInfer", request.model_name, "INTERNAL").inc()
+                yield pb.ModelStreamInferResponse(
+                    error_message="INTERNAL: internal server error; see the server log",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 )
                 continue
