@@ -132,7 +132,7 @@ def load_version(name: str, folder: Path, runtime: RuntimeOptions = CPU_DEFAULTS
         _check_card_against_graph(version)
     if card is not None and card.streaming is not None:
         step_file = card.streaming.graph
-        version.step_session = _session(folder, step_file, runtime)
+        version.step_session = _session(folder, step_file, runtime.for_steps())
         _check_step_graph(version)
     if card is not None and card.preprocessing.kind == "log_mel":
         version.frontend = LogMel(card.preprocessing.frontend())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnxruntime
@@ -43,13 +43,22 @@ class RuntimeOptions:
     providers: tuple = ("CPUExecutionProvider",)
     intra_op_threads: int = 0
     graph_optimization: str = "all"
+    # ONNX Runtime's pool threads spin-wait for the next call by default: on a server, between
+    # batches, that burns the cores the request path needs (measured in benchmarks/streams.py).
+    intra_op_spinning: bool = False
 
     def session_options(self) -> onnxruntime.SessionOptions:
         options = onnxruntime.SessionOptions()
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads
         options.graph_optimization_level = GRAPH_OPTIMIZATION[self.graph_optimization]
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.intra_op_spinning else "0")
         return options
+
+    def for_steps(self) -> RuntimeOptions:
+        """Stream step graphs: a few frames of a few streams per call, too little work to split
+        over threads, so one intra-op thread unless one was set explicitly."""
+        return self if self.intra_op_threads else replace(self, intra_op_threads=1)
 
 
 CPU_DEFAULTS = RuntimeOptions()

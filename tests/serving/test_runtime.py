@@ -55,6 +55,24 @@ def test_settings_carry_session_options():
         ServerSettings(graph_optimization="max")
 
 
+def test_pool_threads_sleep_between_calls_unless_told_to_spin():
+    quiet = ServerSettings(device="cpu").runtime_options()
+    assert quiet.session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = ServerSettings(device="cpu", intra_op_spinning="true").runtime_options()
+    assert spinning.session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_stream_step_graphs_get_one_thread_unless_set():
+    from serving.repository import load_version
+
+    folder = ROOT / "models" / "sentiment" / "1"
+    default = load_version("sentiment", folder, ServerSettings(device="cpu").runtime_options())
+    assert default.step_session._session.get_session_options().intra_op_num_threads == 1
+    assert default.session._session.get_session_options().intra_op_num_threads == 0
+    chosen = load_version("sentiment", folder, ServerSettings(device="cpu", intra_op_threads=2).runtime_options())
+    assert chosen.step_session._session.get_session_options().intra_op_num_threads == 2
+
+
 def test_every_optimization_level_gives_the_same_predictions():
     texts = ["what a wonderful flight", "the worst delay ever, lost my bag", "ok", "meh " * 40]
     results = {}
