@@ -39,6 +39,12 @@ class StreamStateError(ServingError):
     code = "FAILED_PRECONDITION"
 
 
+class ShuttingDown(ServingError):
+    """The server is shutting down and has ended the stream."""
+
+    code = "UNAVAILABLE"
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     threshold: float = 0.5
@@ -171,6 +177,9 @@ class KeywordDetector:
             self.frame += len(smoothed)
             return events, smoothed
         keyword_scores = smoothed[:, self.keywords]
+        if self.open is None and float(keyword_scores.max(initial=0.0)) < threshold:
+            self.frame += len(smoothed)  # the usual chunk: nothing open, nothing reaches the threshold
+            return events, smoothed
         for offset in range(len(smoothed)):
             frame = self.frame + offset
             best = int(keyword_scores[offset].argmax())
@@ -445,6 +454,8 @@ class StreamManager:
     async def feed(self, stream: Stream, chunk, last: bool = False) -> Update:
         """Run one chunk (text fragment or float samples; None at the end) through the stream."""
         if stream.ended:
+            if self._stop.is_set():
+                raise ShuttingDown("the server is shutting down; the stream was ended")
             raise StreamStateError("the stream has ended")
         stream.last_active = time.monotonic()
         empty = "" if isinstance(stream, TextStream) else np.zeros(0, np.float32)
