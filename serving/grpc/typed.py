@@ -183,7 +183,10 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 response = report.add(update)
                 if response is not None:
                     yield response
-            update = await streams.feed(stream, None, last=True)
+            try:
+                update = await streams.feed(stream, None, last=True)
+            except ServingError as error:  # e.g. ended by a shutdown after the grace period
+                await context.abort(status_code(error), str(error))
             reason = "end"
             yield report.add(update)
         except (asyncio.CancelledError, GeneratorExit):
