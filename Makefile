@@ -6,8 +6,9 @@ PIP := $(BIN)/python -m pip
 HOST ?= 127.0.0.1
 PORT ?= 50051
 PYTEST_ARGS ?=
+SOAK_SECONDS ?= 60
 
-.PHONY: serve test lint protos models bench container-test clean
+.PHONY: serve test lint protos models bench soak container-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,9 @@ bench: $(VENV)/.installed-dev ## benchmarks side by side in one run: BENCHMARKS.
 	$(BIN)/python benchmarks/footprint.py
 	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/report.py
+
+soak: $(VENV)/.installed-dev ## mixed load on a real server for SOAK_SECONDS (default 60; 10 min: make soak SOAK_SECONDS=600)
+	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
