@@ -158,7 +158,7 @@ class Load:
         else:
             tensor = self.triton.InferInput("text", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([b"orphan"], dtype=object))
-            self._expect_triton("FAILED_PRECONDITION", lambda: kserve.infer(
+            self._expect_triton("INVALID_ARGUMENT", lambda: kserve.infer(
                 "sentiment", [tensor], sequence_id=f"never-started-{self.rng.integers(1 << 30)}"))
 
     def _expect_triton(self, code: str, call) -> None:

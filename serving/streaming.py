@@ -34,9 +34,10 @@ from serving.repository import ModelVersion
 
 
 class StreamStateError(ServingError):
-    """A sequence used out of order: chunk before start, id reused while active, chunk after end."""
+    """A sequence used out of order: chunk before start, id reused while active, chunk after end.
+    INVALID_ARGUMENT like a typed stream's chunk before its config (DESIGN.md) and like Triton."""
 
-    code = "FAILED_PRECONDITION"
+    code = "INVALID_ARGUMENT"
 
 
 class ShuttingDown(ServingError):

@@ -49,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[2]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 T = kpb.ModelInferRequest.InferInputTensor
 
 
@@ -398,7 +397,7 @@ CASES = [
      ["rnnserve.v1.StreamRequest", "chunk.text: not valid UTF-8"]),
 
     # KServe sequences (stateful ModelInfer and ModelStreamInfer)
-    ("seq-chunk-before-start", sequence(inputs=[text_tensor(b"hi")], start=False), PRECONDITION,
+    ("seq-chunk-before-start", sequence(inputs=[text_tensor(b"hi")], start=False), INVALID,
      ["sequence_id", "sequence_start"]),
     ("seq-zero-id", sequence(inputs=[text_tensor(b"hi")], sequence_id=0), INVALID, ["parameters[sequence_id]"]),
     ("seq-id-too-long", sequence(inputs=[text_tensor(b"hi")], sequence_id=SEQ_MAX), INVALID,
@@ -416,7 +415,7 @@ CASES = [
      ["parameters[sample_rate_hz]: 0", "1 to 384000"]),
     ("seq-wrong-input", sequence("keywords", [text_tensor(b"yes")]), INVALID, ["one input named 'audio'"]),
     ("seq-unknown-model", sequence("nope", [text_tensor(b"hi")]), NOT_FOUND, ["model 'nope' not found"]),
-    ("streaminfer-chunk-before-start", stream_infer(inputs=[text_tensor(b"hi")], sequence_id=77), PRECONDITION,
+    ("streaminfer-chunk-before-start", stream_infer(inputs=[text_tensor(b"hi")], sequence_id=77), INVALID,
      ["sequence_id 77", "sequence_start"]),
     ("streaminfer-wrong-dtype", stream_infer(inputs=[x_tensor()]), INVALID, ["one input named 'text'"]),
     ("streaminfer-unknown-model", stream_infer("nope", [text_tensor(b"hi")]), NOT_FOUND, ["model 'nope'"]),

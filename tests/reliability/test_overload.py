@@ -135,7 +135,7 @@ def test_kserve_sequences_beyond_max_streams_are_resource_exhausted_and_room_com
         assert _sample(server, "rnnserve_active_streams", model="sentiment") == 2
         with pytest.raises(InferenceServerException) as never_started:
             kserve.infer("sentiment", [_text_input("more")], sequence_id=3)
-        assert never_started.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert never_started.value.status() == "StatusCode.INVALID_ARGUMENT"
         # Ending one sequence makes room for a new one, whose answer matches a unary call.
         final = kserve.infer("sentiment", [_text_input("wonderful flight")], sequence_id=1, sequence_end=True)
         unary = kserve.infer("sentiment", [_text_input("what a fine wonderful flight")])

@@ -298,7 +298,7 @@ def test_idle_streams_and_sequences_are_ended_and_freed():
         assert _sample(server, "rnnserve_streams_closed_total", model="sentiment", reason="idle") == 2
         with pytest.raises(InferenceServerException, match="has ended") as raised:
             kserve.infer("sentiment", [_text_input("day")], sequence_id=5)
-        assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
         kserve.close()
 
 
@@ -377,13 +377,13 @@ def test_kserve_sequence_misuse(server):
         return raised.value.status(), raised.value.message()
 
     code, message = status(sequence_id=31)
-    assert code == "StatusCode.FAILED_PRECONDITION" and "sequence_start" in message
+    assert code == "StatusCode.INVALID_ARGUMENT" and "sequence_start" in message
     kserve.infer("sentiment", [_text_input("hi ")], sequence_id=32, sequence_start=True)
     code, message = status(sequence_id=32, sequence_start=True)
-    assert code == "StatusCode.FAILED_PRECONDITION" and "already active" in message
+    assert code == "StatusCode.INVALID_ARGUMENT" and "already active" in message
     kserve.infer("sentiment", [_text_input("there")], sequence_id=32, sequence_end=True)
     code, message = status(sequence_id=32)
-    assert code == "StatusCode.FAILED_PRECONDITION" and "has ended" in message
+    assert code == "StatusCode.INVALID_ARGUMENT" and "has ended" in message
     two = triton.InferInput("text", [2], "BYTES")
     two.set_data_from_numpy(np.array([b"a", b"b"], dtype=object))
     code, message = status(sequence_id=33, sequence_start=True, inputs=[two])
