@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = info.default
         shown = f"{default / 2**20:g} MiB" if name.endswith("_bytes") else default
         serve.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=type(default) if default is not None else str,
+            f"--{name.replace('_', '-')}", dest=name,
+            type=_flag_bool if isinstance(default, bool) else type(default) if default is not None else str,
             metavar=name.upper(), help=f"{info.description} (default {shown}; env RNNSERVE_{name.upper()})",
         )
     serve.add_argument("--config", type=Path, metavar="FILE",
@@ -209,6 +210,16 @@ class _JsonLines(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def _flag_bool(value: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (bool("false") would be True)."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: expected true or false")
 
 
 def configure_logging(level: str | int, fmt: str, json_lines: bool = False) -> None:

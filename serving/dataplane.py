@@ -66,6 +66,7 @@ class DataPlane:
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._lock = threading.Lock()
         self.metrics = Metrics()
+        self.metrics.set_models({name: entry.ready for name, entry in models.items()})
         self.streams = StreamManager(self.metrics, stream_limits)
 
     def close(self) -> None:
@@ -214,6 +215,8 @@ class DataPlane:
         predictions: Future = Future()
 
         def finish(done: Future) -> None:
+            if not predictions.set_running_or_notify_cancel():
+                return  # the caller stopped waiting (deadline, cancelled call)
             try:
                 predictions.set_result(self._predictions(done.result(), labels, top_k))
             except BaseException as error:  # the batch's error (deadline, queue, model) goes to the caller

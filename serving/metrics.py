@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The model label of requests naming a model the repository does not have.
+UNKNOWN_MODEL = "_unknown_"
 
 
 class Metrics:
@@ -42,7 +44,29 @@ class Metrics:
             "rnnserve_streams_closed", "Streams and sequences whose state was freed, by model and reason "
             "(end, cancelled, idle, deadline, error, shutdown)", ["model", "reason"], registry=self.registry,
         )
+        self.model_ready = Gauge(
+            "rnnserve_model_ready", "1 when the model has a loaded version, 0 when it failed to load",
+            ["model"], registry=self.registry,
+        )
+        # Names a client may put in a label: the repository's. Anything else counts as UNKNOWN_MODEL,
+        # so made-up names cannot grow the number of series.
+        self.model_names: frozenset[str] = frozenset()
         self._http = None
+
+    def set_models(self, ready: dict[str, bool]) -> None:
+        """The repository's models and whether each loaded (at start)."""
+        self.model_names = frozenset(ready)
+        for name, loaded in ready.items():
+            self.model_ready.labels(name).set(1 if loaded else 0)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self.model_names else UNKNOWN_MODEL
+
+    def count_request(self, method: str, model: str, code: str, seconds: float | None = None) -> None:
+        label = self.model_label(model)
+        self.requests.labels(method, label, code).inc()
+        if seconds is not None:
+            self.request_seconds.labels(method, label).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the bound port (port 0 picks one)."""

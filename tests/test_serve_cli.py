@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from serving.cli import _config_file
+import pytest
+
+from serving.cli import _config_file, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 RNNSERVE = [sys.executable, "-m", "serving"]
@@ -22,6 +24,19 @@ def test_config_file_values_give_way_to_environment_variables(tmp_path, monkeypa
     config.write_text('port = 0\nbatch_max_rows = 8\nmodels = "elsewhere"\n')
     monkeypatch.setenv("RNNSERVE_BATCH_MAX_ROWS", "16")
     assert _config_file(config) == {"port": 0, "models": "elsewhere"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("no", False), ("0", False), ("true", True),
+                                                 ("on", True)])
+def test_boolean_flags_read_false_as_false(value, expected):
+    arguments = build_parser().parse_args(["serve", "--intra-op-spinning", value])
+    assert arguments.intra_op_spinning is expected
+
+
+def test_a_boolean_flag_that_is_not_one_is_named():
+    result = subprocess.run([*RNNSERVE, "serve", "--intra-op-spinning", "maybe"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--intra-op-spinning" in result.stderr and "'maybe'" in result.stderr
 
 
 def test_unknown_setting_in_the_config_file_is_named(tmp_path):

@@ -264,7 +264,7 @@ class InferenceServicer:
                 else:
                     response = await loop.run_in_executor(self.executor, self.infer, request)
             except ServingError as error:
-                metrics.requests.labels("ModelStreamInfer", request.model_name, error.code).inc()
+                metrics.count_request("ModelStreamInfer", request.model_name, error.code)
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{error.code}: {error}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
@@ -272,13 +272,13 @@ class InferenceServicer:
                 continue
             except Exception:  # a bug, not the client's mistake: say so, keep the stream, log the details
                 log.exception("unexpected error in ModelStreamInfer")
-                metrics.requests.labels("ModelStreamInfer", request.model_name, "INTERNAL").inc()
+                metrics.count_request("ModelStreamInfer", request.model_name, "INTERNAL")
                 yield pb.ModelStreamInferResponse(
                     error_message="INTERNAL: internal server error; see the server log",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 )
                 continue
-            metrics.requests.labels("ModelStreamInfer", request.model_name, "OK").inc()
+            metrics.count_request("ModelStreamInfer", request.model_name, "OK")
             yield pb.ModelStreamInferResponse(infer_response=response)
 
 

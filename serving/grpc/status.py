@@ -42,14 +42,18 @@ async def run_async_call(
     except ServingError as error:
         code = status_code(error)
         await context.abort(code, str(error))
+    except asyncio.CancelledError:  # the client's deadline passed, or it went away: work abandoned
+        remaining = context.time_remaining()
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+            else grpc.StatusCode.CANCELLED
+        raise
     except Exception:
         log.exception("unexpected error")
         code = grpc.StatusCode.INTERNAL
         await context.abort(code, "internal server error; see the server log")
     finally:
         if metrics is not None:
-            metrics.requests.labels(method, model, code.name).inc()
-            metrics.request_seconds.labels(method, model).observe(time.perf_counter() - started)
+            metrics.count_request(method, model, code.name, time.perf_counter() - started)
     raise AssertionError("unreachable: context.abort raises")
 
 

@@ -155,9 +155,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 streams.close(stream, "error")
                 raise InvalidInput(f"config.top_k: {config.top_k} exceeds the model's {len(labels)} labels")
         except ServingError as error:
-            metrics.requests.labels("Stream", config.model, error.code).inc()
+            metrics.count_request("Stream", config.model, error.code)
             await context.abort(status_code(error), str(error))
-        metrics.requests.labels("Stream", config.model, "OK").inc()
+        metrics.count_request("Stream", config.model, "OK")
         reason = "error"
         report = _Reporter(stream, config)
         try:
