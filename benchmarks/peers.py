@@ -16,7 +16,6 @@ Writes benchmarks/results/peers.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -100,18 +99,28 @@ PROFILE_GROUPS = {
 }
 
 
-def model_alone(model: Path, seconds: float = 3.0) -> float:
-    """Rows/s of the ONNX file at batch 32 in a warm ONNX Runtime loop (default session options)."""
+def model_alone(model: Path, seconds: float = 3.0) -> dict:
+    """The ONNX file at batch 32 in a warm ONNX Runtime loop, nothing else running: rows/s with
+    the default threads, and CPU milliseconds per row on one thread (the least any server pays)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     rows = np.random.default_rng(1).integers(0, 20_000, size=(32, 64), dtype=np.int64)
-    session.run(None, {"ids": rows})
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    result = {}
+    for threads in (0, 1):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         session.run(None, {"ids": rows})
-        calls += 1
-    return calls * 32 / (time.perf_counter() - started)
+        calls, started, cpu = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - started < seconds:
+            session.run(None, {"ids": rows})
+            calls += 1
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if threads == 0:
+            result["rows_per_s"] = calls * 32 / wall
+        else:
+            result["cpu_ms_per_row_one_thread"] = cpu * 1000 / (calls * 32)
+    return result
 
 
 def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
@@ -178,10 +187,17 @@ def main() -> int:
             try:
                 wait_ready(f"127.0.0.1:{port}", process, work / f"{name}.log")
                 cpu: list[float] = []
-                mark = functools.partial(lambda pid, into: into.append(tree_cpu_seconds(pid)), process.pid, cpu)
+                client: list[float] = []
+
+                def mark(pid=process.pid, into=cpu, own=client) -> None:
+                    into.append(tree_cpu_seconds(pid))
+                    own.append(sum(os.times()[:2]))
+
                 result = drive(f"127.0.0.1:{port}", args.seconds, mark)
                 cpu.append(tree_cpu_seconds(process.pid))
+                client.append(sum(os.times()[:2]))
                 result["server_cpu_cores"] = (cpu[1] - cpu[0]) / result["window_s"]
+                result["client_cpu_cores"] = (client[1] - client[0]) / result["window_s"]
                 runs[name].append(result)
                 print(f"repeat {repeat + 1} {name:<9} {result['throughput_rps']:7.0f} req/s"
                       f"  p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms"
@@ -218,14 +234,14 @@ def main() -> int:
     for name, results in runs.items():
         if results:
             table[name] = {key: summary([r[key] for r in results])
-                           for key in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_cores")}
+                           for key in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_cores", "client_cpu_cores")}
             table[name]["errors"] = sum(r["errors"] for r in results)
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "load": {"threads": THREADS, "rows_per_request": 1, "warmup_s": WARMUP_S, "seconds": args.seconds,
                  "repeats": args.repeats},
         "model": "LSTM classifier: vocab 20000, embedding 128, hidden 256, 3 outputs, ids INT64 [B, 64]",
-        "servers": table, "failures": failures, "runs": runs, "model_alone_rows_per_s": model_alone(model),
+        "servers": table, "failures": failures, "runs": runs, "model_alone": model_alone(model),
         "profile": rnnserve_profile and {**rnnserve_profile, "clients": THREADS},
     }
     if "rnnserve" in table and "pytriton" in table:

@@ -243,9 +243,11 @@ def section_peers(peers: dict | None) -> tuple[list[str], dict]:
         ratio = servers["rnnserve"]["throughput_rps"]["median"] / servers["mlserver"]["throughput_rps"]["median"]
         facts["mlserver"] = ratio
         lines += [f"rnnserve / MLServer throughput: **{ratio:.2f}x**."]
-    if peers.get("model_alone_rows_per_s"):
-        lines += [f"The model alone in ONNX Runtime (batch 32, one warm loop, default threads): "
-                  f"{peers['model_alone_rows_per_s']:,.0f} rows/s on this machine."]
+    alone = peers.get("model_alone")
+    if alone:
+        lines += [f"The model alone in ONNX Runtime (batch 32, a warm loop, nothing else running): "
+                  f"{alone['rows_per_s']:,.0f} rows/s with the default threads; "
+                  f"{alone['cpu_ms_per_row_one_thread']:.2f} ms of CPU per row on one thread."]
     lines += ["", f"![peers]({plot_peers(peers)})", ""]
     return lines, facts
 
@@ -320,15 +322,25 @@ def gaps(peers: dict | None, streams: dict | None, scoring: dict | None) -> list
     if peers and {"rnnserve", "pytriton"} <= set(peers["servers"]):
         ours, theirs = peers["servers"]["rnnserve"], peers["servers"]["pytriton"]
         target = 2 * theirs["throughput_rps"]["median"]
-        alone = peers.get("model_alone_rows_per_s")
+        alone = peers.get("model_alone")
         cpus = peers["machine"]["cpus"]
         text = (f"**2x PyTriton.** 2x PyTriton would be {target:,.0f} req/s. Under this load rnnserve's process used "
                 f"{ours['server_cpu_cores']['median']:.2f} of the machine's {cpus} cores and PyTriton's "
                 f"{theirs['server_cpu_cores']['median']:.2f}; the 32 tritonclient threads need the rest.")
-        if alone:
-            text += (f" The model alone, in a warm ONNX Runtime loop at batch 32 with every core and no server or "
-                     f"client, does {alone:,.0f} rows/s: the target is {target / alone:.0%} of that, before any gRPC, "
-                     "request checking, batching or client work.")
+        client = ours.get("client_cpu_cores")
+        if alone and client:
+            client_ms = client["median"] / ours["throughput_rps"]["median"] * 1000
+            model_ms = alone["cpu_ms_per_row_one_thread"]
+            ceiling = cpus * 1000 / (client_ms + model_ms)
+            text += (f" Each request costs the load generator {client_ms:.2f} ms of CPU (measured in this run) and "
+                     f"the model itself at least {model_ms:.2f} ms (batch 32, one thread, alone): with nothing else "
+                     f"at all, {cpus} cores could carry at most {ceiling:,.0f} req/s of this load, "
+                     f"{ceiling / theirs['throughput_rps']['median']:.2f}x PyTriton, before any gRPC, request "
+                     "checking or batching work in the server.")
+            budget = cpus * 1000 / target - client_ms - model_ms
+            spent = ours["server_cpu_cores"]["median"] / ours["throughput_rps"]["median"] * 1000 - model_ms
+            text += (f" At 2x PyTriton that leaves {budget:.2f} ms of CPU per request for everything else the server "
+                     f"does (gRPC, protobuf, checks, batching, responses); rnnserve spends {spent:.2f} ms on it now.")
         per_cpu = [row["throughput_rps"]["median"] / row["server_cpu_cores"]["median"] for row in (ours, theirs)]
         text += (f" Per unit of server CPU rnnserve does {per_cpu[0]:,.0f} requests per CPU-second against "
                  f"PyTriton's {per_cpu[1]:,.0f}.")
