@@ -82,7 +82,8 @@ def closed_loop(target: str, model: str, threads: int, seconds: float, make_inpu
 def profile(pid: int, seconds: float, groups: dict[str, str]) -> dict | None:
     """py-spy samples of process `pid` for `seconds` (busy threads only); returns the share of
     samples whose stack passes through each group's frame name (a substring of py-spy's
-    'function (file:line)'), or None when py-spy is not installed or cannot attach."""
+    'function (file:line)'; 'self:NAME' counts only samples whose innermost frame starts with
+    NAME), or None when py-spy is not installed or cannot attach."""
     import shutil
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -101,5 +102,10 @@ def profile(pid: int, seconds: float, groups: dict[str, str]) -> dict | None:
     total = sum(count for _, count in stacks)
     if not total:
         return None
-    shares = {name: sum(count for stack, count in stacks if frame in stack) / total for name, frame in groups.items()}
+    def share(frame: str) -> float:
+        if frame.startswith("self:"):  # samples whose innermost frame is this one
+            return sum(count for stack, count in stacks if stack.rsplit(";", 1)[-1].startswith(frame[5:])) / total
+        return sum(count for stack, count in stacks if frame in stack) / total
+
+    shares = {name: share(frame) for name, frame in groups.items()}
     return {"samples": total, "seconds": seconds, "shares": shares}

@@ -36,5 +36,25 @@ def build(path: Path) -> Path:
     return path
 
 
+def build_trivial(path: Path) -> Path:
+    """The same tensors with no model behind them: logits = float(ids[:, :3]). Serving it shows
+    what a server spends per request on everything but the model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["ids", "starts", "ends", "axes"], ["first"]),
+         helper.make_node("Cast", ["first"], ["logits"], to=TensorProto.FLOAT)],
+        "trivial", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", STEPS])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("ends", TensorProto.INT64, [1], [CLASSES]),
+         helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 if __name__ == "__main__":
     print(build(Path(sys.argv[1]) / "lstm" / "1" / "model.onnx"))

@@ -94,6 +94,9 @@ def drive(target: str, seconds: float, on_window_start=None) -> dict:
 
 PROFILE_GROUPS = {
     "event loop thread (gRPC messages, request checks, responses)": "run_forever",
+    "  in grpc.aio's compiled core (callbacks without a Python frame)": "self:Handle._run (asyncio",
+    "  waiting in epoll": "self:EpollSelector.select",
+    "grpc.aio's poller thread (compiled, no Python frame)": "self:Thread.run (threading",
     "batcher thread": "Batcher._work",
     "  ONNX Runtime calls": "Session.run",
 }
@@ -227,6 +230,23 @@ def main() -> int:
         finally:
             stop(process)
 
+    # The same load on the same tensors with no model behind them: the server's own cost.
+    trivial = None
+    if "rnnserve" in runs and runs["rnnserve"]:
+        from peer_model import build_trivial
+
+        process = start("rnnserve", build_trivial(work / "trivial" / "lstm" / "1" / "model.onnx"), 8300, work)
+        try:
+            wait_ready("127.0.0.1:8300", process, work / "rnnserve.log")
+            cpu = []
+            trivial = drive("127.0.0.1:8300", args.seconds, lambda pid=process.pid: cpu.append(tree_cpu_seconds(pid)))
+            cpu.append(tree_cpu_seconds(process.pid))
+            trivial["server_cpu_ms_per_request"] = (cpu[1] - cpu[0]) * 1000 / trivial["requests"]
+            print(f"rnnserve, no model behind the tensors: {trivial['throughput_rps']:.0f} req/s, server CPU "
+                  f"{trivial['server_cpu_ms_per_request']:.2f} ms per request", flush=True)
+        finally:
+            stop(process)
+
     def summary(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
@@ -242,6 +262,7 @@ def main() -> int:
                  "repeats": args.repeats},
         "model": "LSTM classifier: vocab 20000, embedding 128, hidden 256, 3 outputs, ids INT64 [B, 64]",
         "servers": table, "failures": failures, "runs": runs, "model_alone": model_alone(model),
+        "rnnserve_trivial_model": trivial,
         "profile": rnnserve_profile and {**rnnserve_profile, "clients": THREADS},
     }
     if "rnnserve" in table and "pytriton" in table:
