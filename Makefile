@@ -6,6 +6,8 @@ PIP := $(BIN)/python -m pip
 HOST ?= 127.0.0.1
 PORT ?= 50051
 PYTEST_ARGS ?=
+# When `make bench` started (its report counts the image build and the peers' set-up too).
+BENCH_STARTED := $(shell date +%s)
 SOAK_SECONDS ?= 60
 
 .PHONY: serve test lint protos models bench soak container-test clean
@@ -47,17 +49,9 @@ container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke
 	PYTHON=$(BIN)/python bash deploy/docker/container-test.sh
 
 bench: $(VENV)/.installed-dev ## benchmarks side by side in one run: BENCHMARKS.md, benchmarks/plots, benchmarks/results
-	mkdir -p benchmarks/results && date +%s > benchmarks/results/started_at
-	bash benchmarks/setup_peers.sh
 	(command -v podman >/dev/null && podman image exists localhost/rnnserve:cpu) || $(MAKE) container-test \
 	  || echo "bench: the CPU image could not be built; BENCHMARKS.md reports its size as missing"
-	$(BIN)/python benchmarks/runtime.py
-	$(BIN)/python benchmarks/scoring.py
-	$(BIN)/python benchmarks/streams.py
-	$(BIN)/python benchmarks/unary.py
-	$(BIN)/python benchmarks/footprint.py
-	$(BIN)/python benchmarks/peers.py
-	$(BIN)/python benchmarks/report.py
+	RNNSERVE_BENCH_STARTED=$(BENCH_STARTED) PYTHON=$(PYTHON) $(BIN)/rnnserve bench
 
 soak: $(VENV)/.installed-dev ## mixed load on a real server for SOAK_SECONDS (default 60; 10 min: make soak SOAK_SECONDS=600)
 	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS)

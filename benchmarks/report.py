@@ -297,7 +297,11 @@ def section_scoring(scoring: dict | None) -> tuple[list[str], dict]:
     lines += ["", "Peak RSS of the in-process CLI: " + ", ".join(
         f"{rows}: {rss:.0f} MiB" for rows, rss in scoring["peak_rss_mib"].items()) + ".", "",
         f"![scoring]({plot_scoring(scoring)})", ""]
-    return lines, {"in-process": scoring["cli_vs_ceiling"]["in-process"]}
+    facts = {"in-process": scoring["cli_vs_ceiling"]["in-process"], "rows": scoring["rows"]}
+    if scoring.get("memory_run_rows_per_s"):
+        facts["long"] = (scoring["memory_rows"],
+                         scoring["memory_run_rows_per_s"] / scoring["ceiling_rows_per_s"]["median"])
+    return lines, facts
 
 
 def section_footprint(footprint: dict | None) -> tuple[list[str], dict]:
@@ -417,8 +421,14 @@ def main() -> int:
             goals.append(f"| cellular batching >= 3x per-stream execution | {stream_facts['ratio']:.2f}x | "
                          f"{verdict(stream_facts['ratio'] >= 3)} |")
     if scoring_facts:
-        goals.append(f"| CLI >= 0.9x the in-process pipeline | {scoring_facts['in-process']:.2f}x | "
-                     f"{verdict(scoring_facts['in-process'] >= 0.9)} |")
+        long_run = scoring_facts.get("long")
+        measured = f"{scoring_facts['in-process']:.2f}x on {scoring_facts['rows']:,} rows (process start included)"
+        if long_run:
+            measured += f"; {long_run[1]:.2f}x on {long_run[0]:,} rows (1 run)"
+        met = scoring_facts["in-process"] >= 0.9
+        goals.append(f"| CLI >= 0.9x the in-process pipeline | {measured} | "
+                     + ("met" if met else f"met on {long_run[0]:,} rows only" if long_run and long_run[1] >= 0.9
+                        else "**not met**") + " |")
     if footprint_facts:
         goals.append(f"| start to ready <= 3 s | {footprint_facts['ready']:.2f} s | "
                      f"{verdict(footprint_facts['ready'] <= 3)} |")

@@ -1,6 +1,6 @@
 """Batch scoring throughput and memory, side by side in one run.
 
-    python benchmarks/scoring.py                       # 200k rows for speed, 1M rows for memory
+    python benchmarks/scoring.py                       # 100k rows for speed, 1M rows for memory
     python benchmarks/scoring.py --rows 50000 --memory-rows 200000 --repeats 1 --skip-ray
 
 Measures, on one generated text file scored with the bundled sentiment model:
@@ -76,7 +76,7 @@ def run_cli(arguments: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--memory-rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-ray", action="store_true")

@@ -172,9 +172,11 @@ PROFILE_GROUPS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="10,20,30,40,50,60,80,100,125,150,200,300,400,500",
+    parser.add_argument("--streams", default="20,40,60,80,100,125,150,200,300,400,500",
                         help="comma-separated load levels, tried in order until one fails")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--transport-streams", default="100,200,300,400,500",
+                        help="levels for the transport-only server (a ceiling: coarser steps)")
+    parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "streams.json")
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
@@ -184,6 +186,7 @@ def main() -> int:
         return 0
     pcm = recording()
     levels = [int(v) for v in args.streams.split(",")]
+    transport_levels = [int(v) for v in args.transport_streams.split(",")]
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "chunk_ms": CHUNK_S * 1000,
               "seconds_per_level": args.seconds, "repeats": args.repeats, "modes": {}}
     modes = {"cellular batching": ("--stream-batch-max-rows", "256"),
@@ -192,7 +195,7 @@ def main() -> int:
         server, target = start_echo() if flags is None else start_rnnserve(*flags, "--max-streams", "5000")
         results = []
         try:
-            for streams in levels:
+            for streams in (transport_levels if flags is None else levels):
                 result = measure(target, streams, args.seconds, args.repeats, pcm)
                 results.append(result)
                 verdict = "ok" if result["passed"] else "FAIL"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import closed_loop, start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
-WARMUP_S = 2.0
+WARMUP_S = 1.0
 TEXTS = ["what a wonderful flight, the crew was great", "my bags were lost again", "is the 6pm flight on time?",
          "thanks for the upgrade, made my week", "two hours on the tarmac and no explanation"]
 MODES = {"batching on": ["--batch-max-rows", "32", "--batch-max-delay-ms", "5"],
@@ -47,7 +47,7 @@ def drive(target: str, clients: int, seconds: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,16,32,64")
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "unary.json")
     args = parser.parse_args()

@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--tls-ca-file", type=Path, help="PEM CA bundle when the server serves TLS")
     health.set_defaults(handler=_health)
 
+    bench = subparsers.add_parser(
+        "bench", help="run the benchmarks side by side and write BENCHMARKS.md (a source checkout; `make bench`)",
+        description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, unary, "
+        "footprint, peers; the peers' venvs are set up first), then benchmarks/report.py, which writes "
+        "BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
+    )
+    bench.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
+                       help=f"comma-separated subset of {','.join(BENCHMARKS)} (default all)")
+    bench.set_defaults(handler=_bench)
+
     try:
         from training.cli import add_subcommands
     except ImportError:  # the serving image ships without the training package
@@ -103,6 +113,41 @@ def _add_score(subparsers) -> None:
     score.add_argument("--device", default="cpu", help="in-process: auto, cpu or cuda[:N] (default cpu)")
     score.add_argument("--quiet", action="store_true", help="no progress bar even on a terminal")
     score.set_defaults(handler=_score)
+
+
+BENCHMARKS = ("runtime", "scoring", "streams", "unary", "footprint", "peers")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "benchmarks"
+    if not (folder / "report.py").exists():
+        print("rnnserve bench needs a source checkout: benchmarks/ beside serving/", file=sys.stderr)
+        return 2
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        print(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
+    (folder / "results").mkdir(exist_ok=True)
+    # `make bench` passes its own start so the peers' set-up and the image build count too.
+    (folder / "results" / "started_at").write_text(os.environ.get("RNNSERVE_BENCH_STARTED", str(int(time.time()))))
+    steps = [["bash", str(folder / "setup_peers.sh")]] if "peers" in chosen else []
+    steps += [[sys.executable, str(folder / f"{name}.py")] for name in BENCHMARKS if name in chosen]
+    steps.append([sys.executable, str(folder / "report.py")])
+    environment = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    for command in steps:
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(Path(part).name if '/' in part else part for part in command)}",
+              flush=True)
+        if subprocess.run(command, cwd=root, env=environment).returncode != 0:
+            print(f"rnnserve bench: {Path(command[-1]).name} failed", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -217,4 +217,15 @@ def load_repository(
                 "model %s: versions %s on %s", entry.name, ", ".join(entry.version_names()),
                 entry.versions[entry.version_names()[0]].session.provider,
             )
+    # Clients may read these reasons (UNAVAILABLE, ModelMetadata): paths relative to the
+    # repository, so the server's file system layout stays in the server's log.
+    for entry in entries.values():
+        entry.problem = _relative(entry.problem, root)
+        entry.failures = {version: _relative(why, root) for version, why in entry.failures.items()}
     return entries
+
+
+def _relative(text: str, root: Path) -> str:
+    for prefix in {str(root), str(root.absolute()), str(root.resolve())}:
+        text = text.replace(prefix.rstrip("/") + "/", "")
+    return text

@@ -122,3 +122,9 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
         if server.poll() is None:
             server.kill()
     assert "shutting down" in log_path.read_text()
+
+
+def test_bench_names_an_unknown_benchmark():
+    result = subprocess.run([*RNNSERVE, "bench", "--only", "runtime,warp"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "warp" in result.stderr and "runtime, scoring" in result.stderr

@@ -36,10 +36,17 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics=None):
         if not token:
             raise ValueError("the auth token must not be empty")
         self._expected = f"Bearer {token}".encode()
+        # Refusals are counted (method, model "_unknown_": the request is never read, code).
+        self._metrics = metrics
+
+    def _refuse(self, handler, method: str, message: str) -> grpc.RpcMethodHandler:
+        if self._metrics is not None:
+            self._metrics.count_request(method.rsplit("/", 1)[-1], "", "UNAUTHENTICATED")
+        return _refusal(handler, message)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -47,8 +54,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         sent = metadata.get("authorization")
+        method = handler_call_details.method
         if sent is None:
-            return _refusal(handler, "authorization: missing; send 'authorization: Bearer <token>' metadata")
+            return self._refuse(handler, method,
+                                "authorization: missing; send 'authorization: Bearer <token>' metadata")
         if not hmac.compare_digest(str(sent).encode(), self._expected):
-            return _refusal(handler, "authorization: wrong token")
+            return self._refuse(handler, method, "authorization: wrong token")
         return handler

@@ -81,7 +81,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     token = settings.bearer_token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    interceptors = [BearerTokenInterceptor(token, dataplane.metrics)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=settings.grpc_options())
     typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
     kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server)

@@ -38,9 +38,12 @@ def test_truncated_model_is_not_ready_and_others_serve(model_repository, tmp_pat
     (broken / "model.onnx").write_bytes(data[: len(data) // 3])
     entries = load_repository(tmp_path)
     assert entries["good"].ready
-    assert not entries["broken"].ready and "model.onnx" in entries["broken"].reason
-    with pytest.raises(ModelNotReady, match="broken"):
+    assert not entries["broken"].ready and "broken/1/model.onnx" in entries["broken"].reason
+    # Clients read the reason: it names files inside the repository, not where the repository is.
+    assert str(tmp_path) not in entries["broken"].reason
+    with pytest.raises(ModelNotReady, match="broken") as refused:
         DataPlane(entries).classify_texts("broken", "", ["hello"])
+    assert str(tmp_path) not in str(refused.value)
 
 
 def test_card_that_disagrees_with_the_graph_is_refused(model_repository, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -89,3 +90,17 @@ def test_asyncio_client_with_many_concurrent_calls(server):
     names, results, info, audio = asyncio.run(main())
     assert "sentiment" in names and len(results) == 20 and all(r[0].label for r in results)
     assert info.limits.sample_rate_hz == 16000 and audio[0].label == "_silence_"
+
+
+def test_refusals_are_counted(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    settings = ServerSettings(models=ROOT / "models", port=0, auth_token_file=token_file, metrics_port=0)
+    with BackgroundServer(settings) as running:
+        for token in (None, "wrong"):
+            with RnnServeClient(running.target, token=token) as client, pytest.raises(grpc.RpcError):
+                client.classify("sentiment", ["great"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{running.running.metrics_port}/metrics", timeout=10) as page:
+            body = page.read().decode()
+    line = 'rnnserve_requests_total{code="UNAUTHENTICATED",method="Classify",model="_unknown_"} 2.0'
+    assert line in body
