@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="a service or model name (default: the whole server)")
     health.add_argument("--timeout-s", type=float, default=3.0)
     health.add_argument("--tls-ca-file", type=Path, help="PEM CA bundle when the server serves TLS")
+    health.add_argument("--tls-cert-file", type=Path, help="client certificate when the server asks for one (mTLS)")
+    health.add_argument("--tls-key-file", type=Path, help="private key of --tls-cert-file")
     health.set_defaults(handler=_health)
 
     bench = subparsers.add_parser(
@@ -157,8 +159,16 @@ def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or f"127.0.0.1:{os.environ.get('RNNSERVE_PORT', '50051')}"
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        print("--tls-cert-file and --tls-key-file: give both, or neither", file=sys.stderr)
+        return 2
     if args.tls_ca_file:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(args.tls_ca_file.read_bytes()))
+        credentials = grpc.ssl_channel_credentials(
+            args.tls_ca_file.read_bytes(),
+            private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
+            certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
+        )
+        channel = grpc.secure_channel(target, credentials)
     else:
         channel = grpc.insecure_channel(target)
     with channel:

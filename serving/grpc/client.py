@@ -49,6 +49,12 @@ def stream_requests(model: str, chunks, version: str = "", **config):
             yield pb.StreamRequest(chunk=pb.StreamChunk(samples=pb.FloatSamples(values=values.tolist())))
 
 
+def _credentials(tls_ca: bytes, tls_cert: bytes | None, tls_key: bytes | None) -> grpc.ChannelCredentials:
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key: give both for mutual TLS, or neither")
+    return grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
+
+
 class AsyncRnnServeClient:
     """The same calls for asyncio code:
 
@@ -56,8 +62,13 @@ class AsyncRnnServeClient:
             results = await client.classify("sentiment", ["what a wonderful flight"])
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None):
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, token: str | None = None,
+        tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
+    ):
+        """As RnnServeClient: tls_ca (PEM) turns on TLS, tls_cert and tls_key add a client certificate."""
+        self.channel = grpc.aio.secure_channel(target, _credentials(tls_ca, tls_cert, tls_key)) \
+            if tls_ca is not None else grpc.aio.insecure_channel(target)
         self.stub = rnnserve_pb2_grpc.RnnServeStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -140,8 +151,7 @@ class RnnServeClient:
     ):
         """tls_ca (PEM) turns on TLS; tls_cert and tls_key add a client certificate (mutual TLS)."""
         if tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(tls_ca, private_key=tls_key, certificate_chain=tls_cert)
-            self.channel = grpc.secure_channel(target, credentials)
+            self.channel = grpc.secure_channel(target, _credentials(tls_ca, tls_cert, tls_key))
         else:
             self.channel = grpc.insecure_channel(target)
         if token:

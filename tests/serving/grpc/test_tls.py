@@ -58,6 +58,33 @@ def test_mutual_tls_needs_a_client_certificate(pki):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_asyncio_client_and_health_probe_under_mutual_tls(pki):
+    import asyncio
+    import sys
+
+    from serving.grpc.client import AsyncRnnServeClient
+
+    settings = ServerSettings(models=ROOT / "models", port=0, tls_cert_file=pki / "server.crt",
+                              tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt")
+    ca, cert, key = ((pki / name).read_bytes() for name in ("ca.crt", "client.crt", "client.key"))
+
+    async def classify(target: str) -> str:
+        async with AsyncRnnServeClient(target, tls_ca=ca, tls_cert=cert, tls_key=key) as client:
+            return (await client.classify("sentiment", ["mutually trusted"]))[0].label
+
+    with BackgroundServer(settings) as server:
+        assert asyncio.run(classify(server.target))
+        probe = [sys.executable, "-m", "serving", "health", "--target", server.target,
+                 "--tls-ca-file", str(pki / "ca.crt")]
+        with_cert = subprocess.run([*probe, "--tls-cert-file", str(pki / "client.crt"), "--tls-key-file",
+                                    str(pki / "client.key")], capture_output=True, text=True, timeout=60)
+        assert with_cert.returncode == 0 and "SERVING" in with_cert.stdout
+        without = subprocess.run([*probe, "--timeout-s", "2"], capture_output=True, text=True, timeout=60)
+        assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
+    with pytest.raises(ValueError, match="tls_cert and tls_key"):
+        AsyncRnnServeClient("127.0.0.1:1", tls_ca=ca, tls_cert=cert)
+
+
 def test_half_a_tls_configuration_is_refused(pki):
     with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
         ServerSettings(tls_cert_file=pki / "server.crt").server_credentials()
