@@ -16,6 +16,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def summary(values: list[float]) -> dict:
+    """{median, min, max} of a measure's repeats (empty when nothing was measured)."""
+    import statistics
+
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
 def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
     """`rnnserve serve --port 0 FLAGS` in its own process and session; returns it and its target
     once the log says which port it bound."""

@@ -26,6 +26,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import summary  # noqa: E402  (benchmarks/ is not a package)
+
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 50095
 
@@ -93,7 +96,7 @@ def main() -> int:
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "models": sorted(p.name for p in (ROOT / "models").iterdir() if p.is_dir()), "repeats": args.repeats,
-        "start_to_ready_s": {"median": statistics.median(ready), "min": min(ready), "max": max(ready)},
+        "start_to_ready_s": summary(ready),
         "rss_ready_mib": statistics.median(rss_ready), "rss_after_requests_mib": statistics.median(rss_used),
         "image_mb": image,
     }

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop, profile  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, profile, summary  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".bench-venvs"
@@ -246,9 +245,6 @@ def main() -> int:
                   f"{trivial['server_cpu_ms_per_request']:.2f} ms per request", flush=True)
         finally:
             stop(process)
-
-    def summary(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
     table = {}
     for name, results in runs.items():

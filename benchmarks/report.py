@@ -395,7 +395,10 @@ def main() -> int:
     runtime, unary, peers, streams, scoring, footprint = (
         load(name) for name in ("runtime", "unary", "peers", "streams", "scoring", "footprint"))
     started = RESULTS / "started_at"
-    elapsed = time.time() - int(started.read_text()) if started.exists() else None
+    # `rnnserve bench` writes both ends of the run, so a report rebuilt later says the same.
+    ended = RESULTS / "finished_at"
+    finished = int(ended.read_text()) if ended.exists() else time.time()
+    elapsed = finished - int(started.read_text()) if started.exists() and ended.exists() else None
     body: list[str] = []
     part, _ = section_runtime(runtime)
     body += part
@@ -441,7 +444,7 @@ def main() -> int:
         "from that one run. Do not edit by hand: rerun `make bench`.", "",
         f"- Machine: {cpu_model()}, {machine.get('cpus', '?')} CPUs, {machine.get('platform', platform.platform())}, "
         f"Python {platform.python_version()}. Client and server share these cores.",
-        f"- Run finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"- Run finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(finished))}"
         + (f"; `make bench` took {elapsed / 60:.1f} min end to end (peer set-up included)." if elapsed else "."),
         "- Reproduce: `make bench` (creates the peers' virtual environments with benchmarks/setup_peers.sh, builds "
         "the CPU image when podman is there and it is missing, runs every script, then this report). Each script "

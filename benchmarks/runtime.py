@@ -19,10 +19,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import summary  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8, 32, 128)
@@ -124,7 +128,7 @@ def main() -> int:
         name = folder.parent.name
         report["models"][name] = {
             "pytorch_vs_onnx_max_abs_diff": parity,
-            "rows_per_s": {label: {str(b): {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            "rows_per_s": {label: {str(b): summary(v)
                                    for b, v in per.items()} for label, per in timings.items()},
         }
         for label, per in timings.items():

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
+from common import start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the flight crew was great awful delayed again lost my bags thanks lovely seat food service app "
@@ -105,16 +105,16 @@ def main() -> int:
     memory = run_cli(["--model", "sentiment", "--input", str(big), "--output", str(work / "big.jsonl"), "--quiet"])
     small = run_cli(["--model", "sentiment", "--input", str(texts), "--output", str(work / "small.jsonl"), "--quiet"])
 
-    def summary(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    def with_runs(values: list[float]) -> dict:
+        return {**summary(values), "runs": values}
 
     ceiling_median = statistics.median(results["ceiling_rows_per_s"])
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine()},
         "rows": args.rows, "repeats": args.repeats,
-        "ceiling_rows_per_s": summary(results["ceiling_rows_per_s"]),
-        "cli_rows_per_s": {mode: summary(results[mode]) for mode in modes},
+        "ceiling_rows_per_s": with_runs(results["ceiling_rows_per_s"]),
+        "cli_rows_per_s": {mode: with_runs(results[mode]) for mode in modes},
         "cli_vs_ceiling": {mode: statistics.median(results[mode]) / ceiling_median for mode in modes},
         "memory_rows": args.memory_rows, "memory_run_rows_per_s": args.memory_rows / memory["seconds"],
         "peak_rss_mib": {

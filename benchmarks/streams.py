@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import profile, start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
+from common import profile, start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_S = 0.1
@@ -150,12 +149,8 @@ def measure(target: str, streams: int, seconds: float, repeats: int, pcm: bytes)
     client kept pace (median p99 send lag <= 50 ms)."""
     windows = [asyncio.run(load(target, streams, seconds, pcm)) for _ in range(repeats)]
 
-    def summary(key: str) -> dict:
-        values = [w[key] for w in windows]
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-    result = {"streams": streams, "chunks": sum(w["chunks"] for w in windows), "p50_ms": summary("p50_ms"),
-              "p99_ms": summary("p99_ms"), "client_send_lag_p99_ms": summary("client_send_lag_p99_ms")}
+    result = {"streams": streams, "chunks": sum(w["chunks"] for w in windows),
+              **{key: summary([w[key] for w in windows]) for key in ("p50_ms", "p99_ms", "client_send_lag_p99_ms")}}
     result["passed"] = result["p99_ms"]["median"] <= 100 and result["client_send_lag_p99_ms"]["median"] <= 50
     return result
 

@@ -16,14 +16,13 @@ import json
 import os
 import platform
 import signal
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop, start_rnnserve  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_S = 1.0
@@ -67,9 +66,6 @@ def main() -> int:
         for server, _ in servers.values():
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
-    def summary(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
     table = {mode: {str(level): {key: summary([r[key] for r in results])
                                  for key in ("throughput_rps", "p50_ms", "p99_ms")}
                     for level, results in per_level.items()}

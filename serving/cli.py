@@ -141,9 +141,11 @@ def _bench(args: argparse.Namespace) -> int:
     (folder / "results" / "started_at").write_text(os.environ.get("RNNSERVE_BENCH_STARTED", str(int(time.time()))))
     steps = [["bash", str(folder / "setup_peers.sh")]] if "peers" in chosen else []
     steps += [[sys.executable, str(folder / f"{name}.py")] for name in BENCHMARKS if name in chosen]
-    steps.append([sys.executable, str(folder / "report.py")])
     environment = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    for command in steps:
+    for command in [*steps, None]:
+        if command is None:  # every measurement done: the report reads when the run ended
+            (folder / "results" / "finished_at").write_text(str(int(time.time())))
+            command = [sys.executable, str(folder / "report.py")]
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(Path(part).name if '/' in part else part for part in command)}",
               flush=True)
         if subprocess.run(command, cwd=root, env=environment).returncode != 0:
