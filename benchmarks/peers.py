@@ -146,6 +146,7 @@ def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
     # parallel_workers 0: MLServer's worker pool fails to start on this Python ("no current event
     # loop" in the worker); inference then runs in the server process.
     (folder / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1",  # MLServer's default is 0.0.0.0 for its gRPC, HTTP and metrics servers
         "grpc_port": port, "http_port": port + 1, "metrics_port": port + 2, "parallel_workers": 0}))
     (folder / "model-settings.json").write_text(json.dumps({
         "name": "lstm", "implementation": "mlserver_runtime.OnnxLstm", "max_batch_size": 32,

@@ -87,7 +87,9 @@ def _add_score(subparsers) -> None:
     score.add_argument("--server", metavar="HOST:PORT", help="score on a running server instead of in-process")
     score.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="local (this process or --server) or ray (Ray Data actors; needs rnnserve[ray])")
-    score.add_argument("--ray-address", help="an existing Ray cluster, e.g. ray://head:10001 (default: local Ray)")
+    score.add_argument("--ray-address", help=(
+        "an existing Ray cluster, e.g. ray://head:10001; its network exposure is that cluster's own "
+        "configuration (default: a local Ray that listens on 127.0.0.1 only)"))
     score.add_argument("--input-format", choices=["txt", "csv", "tsv", "jsonl", "parquet", "audio"],
                        help="default: from the file name")
     score.add_argument("--format", dest="output_format", choices=["jsonl", "csv", "parquet"],

@@ -23,7 +23,9 @@ def main() -> None:
     def infer(ids):
         return {"logits": session.run(["logits"], {"ids": ids.astype(np.int64)})[0]}
 
-    config = TritonConfig(grpc_port=grpc_port, http_port=grpc_port + 1, metrics_port=grpc_port + 2)
+    # Triton binds 0.0.0.0 unless told otherwise; the benchmark talks to it on loopback only.
+    config = TritonConfig(grpc_address="127.0.0.1", grpc_port=grpc_port, http_address="127.0.0.1",
+                          http_port=grpc_port + 1, metrics_address="127.0.0.1", metrics_port=grpc_port + 2)
     with Triton(config=config) as triton:
         triton.bind(
             model_name="lstm", infer_func=infer,

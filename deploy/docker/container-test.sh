@@ -84,7 +84,8 @@ podman build --pull=never --build-arg "BASE_IMAGE=$base" \
 echo "built in $(( $(date +%s) - started )) s"
 
 step "run"
-podman run -d --name "$NAME" --network host -e "RNNSERVE_PORT=$PORT" -e RNNSERVE_METRICS_PORT=0 \
+podman run -d --name "$NAME" --network host -e RNNSERVE_HOST=127.0.0.1 -e "RNNSERVE_PORT=$PORT" \
+  -e RNNSERVE_METRICS_PORT=0 \
   --read-only --security-opt no-new-privileges "$IMAGE" >/dev/null
 target="127.0.0.1:$PORT"
 for _ in $(seq 1 120); do

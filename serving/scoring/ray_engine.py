@@ -5,11 +5,15 @@ Ray reads the input (read_text / read_csv / read_json / read_parquet / read_bina
 model (the version folder travels through Ray's object store, so cluster nodes need no copy
 of the repository), and the driver writes the results in input order to the one output file,
 with the same rows, ids and errors as a local run. `--ray-address` joins an existing cluster
-(e.g. `ray://head:10001` of a KubeRay cluster); without it a local Ray starts.
+(e.g. `ray://head:10001` of a KubeRay cluster); without it a local Ray starts, bound to loopback
+only: its node address and every port it listens on are 127.0.0.1. A cluster's own network exposure
+is that cluster's configuration.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tempfile
 from pathlib import Path
 
@@ -68,29 +72,56 @@ class _Scorer:
         return result
 
 
+# Ray reads this switch when it is imported. Off (as on macOS and Windows), a local instance takes
+# 127.0.0.1 as its node address, so Ray's GCS, raylet, object manager, agents and workers all listen
+# on loopback; on Linux Ray otherwise takes the machine's network address and listens on every
+# interface. `ray.init(_node_ip_address=...)` and RAY_NODE_IP_ADDRESS do not change that.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(**init_options) -> None:
+    """Start a new local Ray instance that listens on loopback only (and check that it does)."""
+    os.environ[RAY_CLUSTER_SWITCH] = "0"  # for this process's import of Ray and for every process Ray starts
+    import ray
+    from ray._private import ray_constants
+
+    # Where Ray was imported before the switch was set (a long-lived process, a test session), the
+    # value it read then decides the node address: give it the same value.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", **init_options)
+    node_address = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node_address).is_loopback:
+        ray.shutdown()
+        raise ScoringError(f"the local Ray took node address {node_address}, not loopback; refusing to score "
+                           "with ports open to the network (use --ray-address for a cluster)", 3)
+
+
 class RayRun:
     def __init__(self, options, kind: str):
+        if options.server:
+            raise InputError("--engine ray scores with the model repository (--models), not a --server")
+        if options.input == "-":
+            raise InputError("--engine ray reads files, not stdin")
+        if not options.ray_address:
+            os.environ[RAY_CLUSTER_SWITCH] = "0"  # before Ray is imported: see start_local_ray
         try:
             import ray
             import ray.data  # noqa: F401
         except ImportError:
             raise InputError("--engine ray needs Ray: pip install 'rnnserve[ray]'") from None
-        if options.server:
-            raise InputError("--engine ray scores with the model repository (--models), not a --server")
-        if options.input == "-":
-            raise InputError("--engine ray reads files, not stdin")
         self.options, self.kind = options, kind
         self.local = LocalEngine(options.models, options.model, options.version)  # checks the model, gives labels
-        if not ray.is_initialized():
-            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-            self._started = True
+        self._started = not ray.is_initialized()
+        if self._started:
+            quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if options.ray_address:
+                ray.init(address=options.ray_address, **quiet)
+            else:
+                start_local_ray(**quiet)
         import logging
 
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        else:
-            self._started = False
 
     def _dataset(self):
         import ray.data
