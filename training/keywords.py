@@ -110,21 +110,28 @@ def train_keyword_spotter(
     augment: AugmentConfig = AugmentConfig(),
     streaming: StreamTraining = StreamTraining(),
     frontend_config: FrontendConfig = KEYWORD_FRONTEND,
+    continuous=None,
 ) -> Path | None:
     """Train, evaluate (unseen voices, seen voices, streamed), compare with the baseline and
-    write a run directory; under torchrun only rank 0 writes it (the others return None)."""
+    write a run directory; under torchrun only rank 0 writes it (the others return None).
+
+    continuous: (banks, ContinuousSpeechTraining) from training/data/streams.py and
+    training/stream_training.py: train on long recordings of continuous speech with frame-level
+    targets, carried state and hard-negative mining (the bundled task); None trains on the clips
+    alone (users' Speech Commands folders)."""
     started = time.perf_counter()
     context = distributed.setup()
     try:
         return _train(task, description, data, model_overrides, config, runs_dir, command,
-                      progress and context.is_main, context, started, augment, streaming, frontend_config)
+                      progress and context.is_main, context, started, augment, streaming, frontend_config,
+                      continuous)
     finally:
         distributed.teardown(context)
 
 
 def _train(task, description, data: AudioClips, model_overrides, config: TrainConfig, runs_dir, command,
            progress, context, started, augment: AugmentConfig, streaming: StreamTraining,
-           frontend_config: FrontendConfig):
+           frontend_config: FrontendConfig, continuous=None):
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     parts = np.asarray(data.parts)
@@ -187,12 +194,26 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
     def eval_batches(part):
         return np.array_split(np.arange(len(index[part])), max(1, len(index[part]) // 256))
 
-    history = fit(
-        model, config, context, task, data.label_names,
-        train_batches=train_batches, batch_loss=batch_loss,
-        validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
-        validation_labels=labels[index["validation"]], rng=rng, progress=progress,
-    )
+    if continuous is not None:
+        from training.stream_training import StreamTrainer
+
+        banks, settings = continuous
+        trainer = StreamTrainer(model, banks, data.clips[index["train"]], labels[index["train"]], data.label_names,
+                                frontend, augmenter, settings, progress)
+        history = trainer.train()
+        continuous_summary = {"settings": asdict(settings), "seen": trainer.seen,
+                              "hard_negatives": len(trainer.hard_negatives),
+                              "banks": {split: {kind: round(bank.seconds(kind) / 3600, 3)
+                                                for kind in ("keyword", "near_miss", "prose")}
+                                        | {"voices": len(set(bank.voices))} for split, bank in banks.items()}}
+    else:
+        history = fit(
+            model, config, context, task, data.label_names,
+            train_batches=train_batches, batch_loss=batch_loss,
+            validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
+            validation_labels=labels[index["validation"]], rng=rng, progress=progress,
+        )
+        continuous_summary = None
     evaluations = {}
     for part in ("test", "test_seen"):
         if len(index[part]):
@@ -242,6 +263,8 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         "git_revision": git_revision(),
         "history": history,
     }
+    if continuous_summary is not None:
+        run["continuous_speech_training"] = continuous_summary
     write_run(run_dir, model, run, data.label_names)
     return run_dir
 

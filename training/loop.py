@@ -171,8 +171,9 @@ def write_run(run_dir: Path, model: nn.Module, run: dict, label_names: list[str]
     """checkpoint.pt (state_dict only), run.json and the PNG plots of a finished run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / "checkpoint.pt")
-    plot_learning_curves(run["history"], run_dir / "learning_curves.png")
-    plot_gradient_norms(run["history"], run_dir / "gradient_norms.png")
+    if run["history"] and "epoch" in run["history"][0]:  # epochs of `fit` (stream training has rounds)
+        plot_learning_curves(run["history"], run_dir / "learning_curves.png")
+        plot_gradient_norms(run["history"], run_dir / "gradient_norms.png")
     plot_confusion_matrix(run["metrics"]["confusion_matrix"], label_names, run_dir / "confusion_matrix.png")
     (run_dir / "run.json").write_text(json.dumps(run, indent=2))
 

@@ -1,0 +1,109 @@
+"""Continuous-speech recordings for keyword spotting: prose without keywords, composition that
+knows where every keyword lies, frame-level targets, and the two synthesisers."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from training.data.speech import KEYWORDS, LABELS, SILENCE, UNKNOWN
+from training.data.streams import (
+    FESTIVAL_HELD_OUT_VOICE,
+    FESTIVAL_TRAINING_VOICES,
+    HELD_OUT,
+    TARGET_AFTER_END_S,
+    Bank,
+    Mix,
+    Recording,
+    Voice,
+    compose,
+    evaluation_recordings,
+    festival_available,
+    festival_synthesize,
+    frame_targets,
+    speakable,
+)
+
+QUIET = Mix(noise_probability=0.0, babble_probability=0.0, reverb_probability=0.0)
+
+
+def _tone_bank(voices=("a", "b")) -> Bank:
+    """Each utterance is a tone of its own frequency, so that it can be found again in a recording."""
+    parts, frequency = [], 200
+    for voice in voices:
+        for kind, label, seconds in ([("keyword", k, 0.4) for k in KEYWORDS]
+                                     + [("near_miss", UNKNOWN, 0.3)] * 3 + [("prose", UNKNOWN, 3.0)] * 4):
+            t = np.arange(int(seconds * 16000)) / 16000
+            parts.append((kind, label, voice, (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)))
+            frequency += 37
+    return Bank.join(parts)
+
+
+def test_speakable_text_has_no_keyword_url_or_handle():
+    text = "Go on, stop it NOW! Don't look up http://x.example/y @bob #tag or left-over goods; yes-ish"
+    cleaned = speakable(text)
+    assert not re.search(r"\b(" + "|".join(KEYWORDS) + r")\b", cleaned, re.IGNORECASE)
+    assert "http" not in cleaned and "@" not in cleaned and "#" not in cleaned
+    assert "NOW" in cleaned and "Don't look" in cleaned and "goods" in cleaned
+
+
+def test_composed_recording_holds_its_keywords_where_it_says():
+    bank = _tone_bank()
+    recording = compose(bank, 40.0, np.random.default_rng(3), QUIET)
+    assert len(recording.samples) >= 40 * 16000 and recording.keywords
+    takes = {bank.labels[i]: bank.utterance(i) for i in bank.of_kind("keyword") if bank.voices[i] in ("a", "b")}
+    for label, start, end in recording.keywords:
+        segment = recording.samples[round(start * 16000) : round(end * 16000)]
+        candidates = [bank.utterance(i) for i in bank.of_kind("keyword") if bank.labels[i] == label]
+        # The segment is one of that keyword's takes, scaled by the segment's gain.
+        assert any(len(c) == len(segment) and abs(np.corrcoef(c, segment)[0, 1]) > 0.999 for c in candidates), label
+        assert label in takes
+    for start, end in recording.speech:
+        assert np.abs(recording.samples[round(start * 16000) : round(end * 16000)]).max() > 0.01
+    # Between speech stretches there is silence (no noise in this mix).
+    spoken = np.zeros(len(recording.samples), bool)
+    for start, end in recording.speech:
+        spoken[round(start * 16000) : round(end * 16000)] = True
+    assert np.abs(recording.samples[~spoken]).max() < 1e-6
+
+
+def test_frame_targets_mark_keyword_ends_speech_and_silence():
+    recording = Recording(np.zeros(5 * 16000, np.float32), [("stop", 1.0, 1.5)], [(1.0, 1.5), (3.0, 4.0)])
+    frames = (len(recording.samples) - 480) // 320 + 1
+    targets = frame_targets(recording, frames, 320, 480, LABELS)
+    ends = (np.arange(frames) * 320 + 480) / 16000
+    starts = np.arange(frames) * 320 / 16000
+    is_keyword = targets == LABELS.index("stop")
+    np.testing.assert_array_equal(is_keyword, (ends >= 1.5) & (ends <= 1.5 + TARGET_AFTER_END_S))
+    speech = ((ends > 1.0) & (starts < 1.5)) | ((ends > 3.0) & (starts < 4.0))
+    assert np.all(targets[speech & ~is_keyword] == LABELS.index(UNKNOWN))
+    assert np.all(targets[~speech & ~is_keyword] == LABELS.index(SILENCE))
+
+
+def test_evaluation_recordings_say_every_take_once_and_negatives_have_none():
+    bank = _tone_bank()
+    judged = evaluation_recordings(bank, seed=0)
+    said = sorted(k[0] for r in judged["keywords"] for k in r.keywords)
+    assert said == sorted(bank.labels[i] for i in bank.of_kind("keyword"))
+    assert all(not r.keywords for r in judged["negative"])
+    prose_seconds = bank.seconds("prose")
+    assert sum(len(r.samples) for r in judged["negative"]) / 16000 >= prose_seconds
+
+
+def test_voices_split_by_speaker_and_the_held_out_engine_is_never_training():
+    assert Voice("festival", FESTIVAL_HELD_OUT_VOICE).split == HELD_OUT
+    assert all(Voice("festival", v).split == "train" for v in FESTIVAL_TRAINING_VOICES)
+    assert Voice("espeak-ng", "en-US+m3").split in ("train", "validation", "test")
+
+
+@pytest.mark.skipif(not festival_available(), reason="Festival is a Debian package; .ci/run installs it")
+def test_festival_voices_speak_at_16khz_with_prosody():
+    for voice in FESTIVAL_TRAINING_VOICES:
+        slow, fast = festival_synthesize(voice, [("stop the music", 1.3), ("stop the music", 0.8)])
+        assert slow.dtype == np.float32 and 0.3 < len(fast) / 16000 < len(slow) / 16000 < 4.0
+        assert np.abs(slow).max() > 0.05
+    # The HTS voice (32 kHz, resampled) keeps its own speaking rate: its duration stretch is ignored.
+    (held_out,) = festival_synthesize(FESTIVAL_HELD_OUT_VOICE, [("stop the music", 1.0)])
+    assert 0.5 < len(held_out) / 16000 < 3.0 and np.abs(held_out).max() > 0.05

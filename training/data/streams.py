@@ -1,0 +1,601 @@
+"""Long synthetic recordings for a streaming keyword spotter: the speech it will hear in use.
+
+A *bank* holds clean utterances synthesised once per split and cached: the ten keywords said on
+their own, near-miss words ("of", "dog", "gopher", ...), and running prose read from the corpora
+we have offline (BBC News articles and tweets) with every keyword word taken out, so that prose
+is speech with no keyword in it. Two engines speak: espeak-ng (voices x variants, split by
+speaker as the clip data set is) and Festival (the diphone voices kal and ked for training; the
+HTS voice cmu_us_slt_arctic_hts is never trained on: it is the held-out engine family).
+
+`compose` joins bank utterances into one long recording: keywords said as commands between short
+pauses, keywords inside running speech, prose, near misses, silence and noise gaps; then gain
+changes, coloured noise, babble (several other voices at once) and reverberation. Because we put
+every keyword there, we know where it lies: `frame_targets` labels the frames from a keyword's
+end to 300 ms after it with the keyword, speech frames `_unknown_`, the rest `_silence_`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+from training.data.speech import (
+    KEYWORDS,
+    NOISE_COLOURS,
+    SAMPLE_RATE_HZ,
+    SILENCE,
+    UNKNOWN,
+    Speaker,
+    SynthesisError,
+    coloured_noise,
+    espeak_version,
+    mix_at_snr,
+    speakers,
+    split_of,
+    synthesize,
+)
+
+FESTIVAL_TRAINING_VOICES = ("kal_diphone", "ked_diphone")
+# Never in training or tuning: the cross-engine test.
+FESTIVAL_HELD_OUT_VOICE = "cmu_us_slt_arctic_hts"
+HELD_OUT = "held_out_engine"
+# Words that sound like part of a keyword, or start like one; they are negatives. (Homophones
+# such as "know" and "write" are among them: said inside a sentence they are not commands.)
+NEAR_MISSES = [
+    "of", "dog", "know", "cup", "leftover", "gopher", "yet", "yeah", "yellow", "yesterday", "nope", "note",
+    "nobody", "upper", "upon", "cup", "download", "downtown", "town", "lift", "left-handed", "lefty", "write",
+    "bright", "right-hand", "light", "only", "online", "often", "cough", "office", "stock", "stopper", "top",
+    "shop", "goat", "going", "ago", "gold", "yes-man", "done", "gone", "lost", "offer", "onion", "upside",
+]
+_KEYWORD_WORDS = re.compile(r"\b(" + "|".join(KEYWORDS) + r")\b", re.IGNORECASE)
+_URLS_AND_TAGS = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\bRT\b")
+_NOT_SPEAKABLE = re.compile(r"[^A-Za-z0-9',.;:?! -]+")
+_SPACES = re.compile(r"\s+")
+# espeak-ng at the rates used here reads about this many words of the corpora a second.
+WORDS_PER_SECOND = 2.4
+# Frames from a keyword's end to this long after it carry the keyword's label.
+TARGET_AFTER_END_S = 0.3
+
+
+class StreamDataError(RuntimeError):
+    """A synthesiser is missing or failed."""
+
+
+@dataclass(frozen=True, order=True)
+class Voice:
+    engine: str  # "espeak-ng" or "festival"
+    name: str  # an espeak-ng speaker (voice+variant) or a Festival voice
+
+    @property
+    def split(self) -> str:
+        if self.engine == "festival":
+            return HELD_OUT if self.name == FESTIVAL_HELD_OUT_VOICE else "train"
+        voice, variant = self.name.split("+", 1)
+        return split_of(Speaker(voice, variant))
+
+
+def _text_split(text: str) -> str:
+    """Prose texts are split too (by hash): test recordings read sentences training never read."""
+    position = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if position < 0.7:
+        return "train"
+    if position < 0.8:
+        return "mining"
+    return "validation" if position < 0.9 else "test"
+
+
+def speakable(text: str) -> str:
+    """Text with URLs, handles, odd characters and every keyword word removed."""
+    text = _URLS_AND_TAGS.sub(" ", text)
+    text = _NOT_SPEAKABLE.sub(" ", text)
+    text = _KEYWORD_WORDS.sub(" ", text)
+    return _SPACES.sub(" ", text).strip(" ,;:-")
+
+
+def prose_sentences() -> dict[str, list[str]]:
+    """Sentences of 5-40 words from the BBC News articles and the tweets, keyword words removed,
+    by text split (train, mining, validation, test)."""
+    from training.data.sentiment import load_sentiment
+    from training.data.topic import load_topic
+
+    sentences: dict[str, list[str]] = {"train": [], "mining": [], "validation": [], "test": []}
+    seen = set()
+    for text in [*load_topic().texts, *load_sentiment().texts]:
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            cleaned = speakable(sentence)
+            if 5 <= len(cleaned.split()) <= 40 and cleaned not in seen:
+                seen.add(cleaned)
+                sentences[_text_split(cleaned)].append(cleaned)
+    return sentences
+
+
+def festival_available() -> bool:
+    return shutil.which("festival") is not None
+
+
+def _scheme_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def festival_synthesize(voice: str, items: list[tuple[str, float]]) -> list[np.ndarray]:
+    """(text, duration stretch) pairs spoken by a Festival voice in one Festival process, as
+    float32 at 16 kHz, leading and trailing silence trimmed. (The diphone voices honour the
+    stretch; the HTS voice keeps its own rate.)"""
+    if not festival_available():
+        raise StreamDataError("Festival is not installed (Debian: apt-get install festival festvox-kallpc16k "
+                              "festvox-kdlpc16k festvox-us-slt-hts)")
+    with tempfile.TemporaryDirectory(prefix="rnnserve-festival-") as folder:
+        lines = [f"(voice_{voice})"]
+        for index, (text, stretch) in enumerate(items):
+            lines.append(f"(Parameter.set 'Duration_Stretch {stretch:.3f})")
+            lines.append(f'(utt.save.wave (utt.synth (Utterance Text {_scheme_string(text)})) '
+                         f'"{folder}/{index}.wav" \'riff)')
+        script = Path(folder) / "speak.scm"
+        script.write_text("\n".join(lines) + "\n")
+        result = subprocess.run(["festival", "-b", str(script)], capture_output=True, timeout=3600, check=False)
+        outputs = []
+        for index in range(len(items)):
+            path = Path(folder) / f"{index}.wav"
+            if not path.is_file():
+                raise StreamDataError(f"Festival ({voice}) failed on {items[index][0]!r}: "
+                                      f"{result.stderr.decode(errors='replace')[:300]}")
+            samples, rate = soundfile.read(path, dtype="float32")
+            if rate != SAMPLE_RATE_HZ:
+                samples = soxr.resample(samples, rate, SAMPLE_RATE_HZ).astype(np.float32)
+            outputs.append(_trim(samples))
+        return outputs
+
+
+def _trim(samples: np.ndarray) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(samples) > 0.01)
+    return samples[loud[0] : loud[-1] + 1].astype(np.float32) if loud.size else samples.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    """How much to synthesise for each split (per espeak-ng speaker; Festival voices get their own)."""
+
+    keyword_takes: int  # renditions of each keyword per speaker
+    near_miss_words: int  # near-miss words per speaker
+    prose_seconds: float  # prose per speaker (about 2.6 words a second)
+    festival_keyword_takes: int = 0  # per Festival voice of this split
+    festival_near_miss_words: int = 0
+    festival_prose_seconds: float = 0.0
+    speaker_limit: int = 0  # 0: every speaker of the split
+
+
+@dataclass(frozen=True)
+class StreamDataConfig:
+    plans: dict = field(default_factory=lambda: {
+        "train": BankPlan(1, 5, 22.0, festival_keyword_takes=12, festival_near_miss_words=40,
+                          festival_prose_seconds=600.0),
+        # Held-out prose of the training speakers: where hard negatives are mined.
+        "mining": BankPlan(0, 0, 8.0),
+        "validation": BankPlan(3, 0, 70.0),
+        "test": BankPlan(3, 0, 135.0),
+        HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=40, festival_prose_seconds=3700.0),
+    })
+    rate_wpm: tuple[int, int] = (130, 210)
+    pitch: tuple[int, int] = (25, 75)
+    festival_stretch: tuple[float, float] = (0.8, 1.3)
+    seed: int = 29
+
+
+QUICK_STREAM_DATA = StreamDataConfig(plans={
+    "train": BankPlan(1, 2, 12.0, festival_keyword_takes=2, festival_near_miss_words=3,
+                      festival_prose_seconds=15.0, speaker_limit=16),
+    "mining": BankPlan(0, 0, 10.0, speaker_limit=6),
+    "validation": BankPlan(1, 0, 20.0, speaker_limit=4),
+    "test": BankPlan(1, 0, 20.0, speaker_limit=4),
+    HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=1, festival_prose_seconds=20.0),
+})
+
+
+@dataclass
+class Bank:
+    """Clean utterances of one split, each with its kind ("keyword", "near_miss", "prose"), its
+    label (the keyword, or _unknown_) and its voice."""
+
+    samples: np.ndarray  # float32, every utterance end to end
+    offsets: np.ndarray  # int64 [n + 1]
+    kinds: list[str]
+    labels: list[str]
+    voices: list[str]
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def utterance(self, index: int) -> np.ndarray:
+        return self.samples[self.offsets[index] : self.offsets[index + 1]]
+
+    def of_kind(self, kind: str) -> np.ndarray:
+        return np.array([i for i, k in enumerate(self.kinds) if k == kind], np.int64)
+
+    def seconds(self, kind: str) -> float:
+        lengths = np.diff(self.offsets)
+        return float(sum(lengths[i] for i in self.of_kind(kind)) / SAMPLE_RATE_HZ)
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / "samples.npy", (np.clip(self.samples, -1, 1) * 32767).astype(np.int16))
+        np.save(folder / "offsets.npy", self.offsets)
+        (folder / "utterances.json").write_text(json.dumps(
+            {"kinds": self.kinds, "labels": self.labels, "voices": self.voices}))
+
+    @classmethod
+    def load(cls, folder: Path) -> Bank:
+        meta = json.loads((folder / "utterances.json").read_text())
+        samples = np.load(folder / "samples.npy").astype(np.float32) / 32767.0
+        return cls(samples, np.load(folder / "offsets.npy"), meta["kinds"], meta["labels"], meta["voices"])
+
+    @classmethod
+    def join(cls, parts: list[tuple[str, str, str, np.ndarray]]) -> Bank:
+        lengths = np.array([len(p[3]) for p in parts], np.int64)
+        samples = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.float32)
+        return cls(samples.astype(np.float32), np.concatenate([[0], np.cumsum(lengths)]),
+                   [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+
+
+def _prose_texts(sentences: list[str], seconds: float, rng: np.random.Generator) -> list[str]:
+    """Texts of 12-45 words (a sentence, or two short ones), about `seconds` of speech in all."""
+    texts, words = [], 0
+    while words < seconds * WORDS_PER_SECOND and sentences:
+        text = sentences[int(rng.integers(len(sentences)))]
+        if len(text.split()) < 12:
+            text += " " + sentences[int(rng.integers(len(sentences)))]
+        text = " ".join(text.split()[:45])
+        texts.append(text)
+        words += len(text.split())
+    return texts
+
+
+def _espeak_job(job) -> list[tuple[str, str, str, np.ndarray]]:
+    speaker, plan, sentences, config, seed = job
+    rng = np.random.default_rng(seed)
+    out = []
+
+    def say(text: str) -> np.ndarray:
+        return synthesize(text, speaker, int(rng.integers(*config.rate_wpm, endpoint=True)),
+                          int(rng.integers(*config.pitch, endpoint=True)), int(rng.integers(70, 130)))
+
+    for keyword in KEYWORDS:
+        for _ in range(plan.keyword_takes):
+            out.append(("keyword", keyword, speaker.name, say(keyword)))
+    for word in rng.choice(NEAR_MISSES, size=plan.near_miss_words, replace=False) if plan.near_miss_words else []:
+        out.append(("near_miss", UNKNOWN, speaker.name, say(str(word))))
+    for text in _prose_texts(sentences, plan.prose_seconds, rng):
+        out.append(("prose", UNKNOWN, speaker.name, say(text)))
+    return out
+
+
+def _festival_job(job) -> list[tuple[str, str, str, np.ndarray]]:
+    voice, plan, sentences, config, seed = job
+    rng = np.random.default_rng(seed)
+    items, meta = [], []
+    for keyword in KEYWORDS:
+        for _ in range(plan.festival_keyword_takes):
+            items.append((keyword, float(rng.uniform(*config.festival_stretch))))
+            meta.append(("keyword", keyword))
+    words = rng.choice(NEAR_MISSES, size=plan.festival_near_miss_words) if plan.festival_near_miss_words else []
+    for word in words:
+        items.append((str(word), float(rng.uniform(*config.festival_stretch))))
+        meta.append(("near_miss", UNKNOWN))
+    for text in _prose_texts(sentences, plan.festival_prose_seconds, rng):
+        items.append((text, float(rng.uniform(0.9, 1.15))))
+        meta.append(("prose", UNKNOWN))
+    name = f"festival:{voice}"
+    return [(kind, label, name, samples)
+            for (kind, label), samples in zip(meta, festival_synthesize(voice, items), strict=True)]
+
+
+def _run_job(job):
+    return _festival_job(job[1:]) if job[0] == "festival" else _espeak_job(job[1:])
+
+
+def bank_voices(split: str, plan: BankPlan) -> tuple[list[Speaker], list[str]]:
+    """The espeak-ng speakers and Festival voices that speak a split."""
+    speaker_split = "train" if split == "mining" else split
+    chosen = [s for s in speakers() if split_of(s) == speaker_split] if split != HELD_OUT else []
+    if plan.speaker_limit:
+        chosen = sorted(chosen, key=lambda s: hashlib.sha256(f"bank:{s.name}".encode()).hexdigest())
+        chosen = sorted(chosen[: plan.speaker_limit])
+    festival = []
+    if plan.festival_keyword_takes or plan.festival_prose_seconds:
+        festival = list(FESTIVAL_TRAINING_VOICES) if split == "train" else [FESTIVAL_HELD_OUT_VOICE]
+    return chosen, festival
+
+
+def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), workers: int = 2,
+                progress: bool = False) -> dict[str, Bank]:
+    """Every split's bank, synthesised once into cache_dir/<digest>/<split>/ and reused after."""
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    banks = {}
+    sentences = None
+    for split, plan in config.plans.items():
+        # Each split is cached under a digest of what makes it, so changing one plan keeps the others.
+        description = {"split": split, "plan": asdict(plan), "seed": config.seed, "espeak": espeak_version(),
+                       "prosody": [config.rate_wpm, config.pitch, config.festival_stretch],
+                       "near_misses": NEAR_MISSES, "words_per_second": WORDS_PER_SECOND, "version": 1}
+        digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+        root = cache_dir / digest
+        folder = root / split
+        if (folder / "utterances.json").is_file():
+            banks[split] = Bank.load(folder)
+            continue
+        if sentences is None:
+            sentences = prose_sentences()
+        text_split = "test" if split == HELD_OUT else split
+        chosen, festival = bank_voices(split, plan)
+        jobs = [("espeak", speaker, plan, sentences[text_split], config,
+                 [config.seed, int(hashlib.sha256(f"{split}:{speaker.name}".encode()).hexdigest()[:8], 16)])
+                for speaker in chosen]
+        # Festival voices speak in pieces so that both workers share them.
+        pieces = 6 if plan.festival_prose_seconds > 120 else 1
+        for voice in festival:
+            for piece in range(pieces):
+                share = BankPlan(0, 0, plan.festival_prose_seconds / pieces,
+                                 festival_keyword_takes=plan.festival_keyword_takes if piece == 0 else 0,
+                                 festival_near_miss_words=plan.festival_near_miss_words if piece == 0 else 0,
+                                 festival_prose_seconds=plan.festival_prose_seconds / pieces)
+                salt = int(hashlib.sha256(f"{split}:{voice}".encode()).hexdigest()[:8], 16)
+                jobs.append(("festival", voice, share, sentences[text_split], config, [config.seed, piece, salt]))
+        # Festival jobs are the longest: start them first.
+        jobs.sort(key=lambda job: job[0] != "festival")
+        parts = []
+        with get_context("spawn").Pool(max(1, workers)) as pool:
+            for result in tqdm(pool.imap_unordered(_run_job, jobs), total=len(jobs), disable=not progress,
+                               desc=f"synthesising {split}", unit="voice"):
+                parts.extend(result)
+        parts.sort(key=lambda p: (p[2], p[0], p[1]))  # a stable order whatever the workers' timing
+        bank = Bank.join(parts)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".bank-", dir=root))
+        bank.save(staging)
+        (staging / "generation.json").write_text(json.dumps(description, indent=2))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, folder)
+        except OSError:  # rendered meanwhile by another process
+            shutil.rmtree(staging, ignore_errors=True)
+        banks[split] = Bank.load(folder)
+    return banks
+
+
+# ---- composing recordings ------------------------------------------------------------------
+
+
+@dataclass
+class Recording:
+    samples: np.ndarray  # float32 at 16 kHz
+    # (keyword, start_s, end_s) of every keyword said in it
+    keywords: list[tuple[str, float, float]]
+    # (start_s, end_s) of every stretch of foreground speech (keywords included)
+    speech: list[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What a composed recording holds: segment kinds and their odds, and the conditions."""
+
+    command: float = 0.3  # a keyword said on its own, short pauses around it
+    in_speech: float = 0.15  # a keyword inside running speech
+    prose: float = 0.4
+    near_miss: float = 0.1
+    gap: float = 0.05  # silence or noise, 1-3 s
+    hard_negative: float = 0.0  # a stretch the model fired on before (hard-negative mining)
+    pause_s: tuple[float, float] = (0.25, 1.0)
+    word_gap_s: tuple[float, float] = (0.02, 0.15)
+    gain_db: tuple[float, float] = (-15.0, 4.0)  # per segment
+    noise_probability: float = 0.7
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    babble_probability: float = 0.2
+    babble_snr_db: tuple[float, float] = (8.0, 20.0)
+    reverb_probability: float = 0.3
+    rt60_s: tuple[float, float] = (0.15, 0.6)
+
+
+# Test and validation recordings: mild noise, no babble or reverberation.
+EVALUATION_MIX = Mix(noise_probability=1.0, snr_db=(15.0, 35.0), babble_probability=0.0, reverb_probability=0.0,
+                     gain_db=(-6.0, 3.0))
+
+
+def _pause(rng: np.random.Generator, seconds: tuple[float, float]) -> np.ndarray:
+    return np.zeros(int(rng.uniform(*seconds) * SAMPLE_RATE_HZ), np.float32)
+
+
+def _split_at_pause(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cut prose at a quiet 20 ms stretch (a word boundary) near a random point."""
+    frame = 320
+    energy = np.sqrt(np.mean(speech[: len(speech) // frame * frame].reshape(-1, frame) ** 2, axis=1))
+    quiet = np.flatnonzero(energy < 0.02)
+    quiet = quiet[(quiet > len(energy) * 0.15) & (quiet < len(energy) * 0.85)]
+    cut = int(rng.choice(quiet)) * frame if quiet.size else len(speech) // 2
+    return speech[:cut], speech[cut:]
+
+
+def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix(),
+            voices: list[str] | None = None, hard_negatives: list[np.ndarray] | None = None) -> Recording:
+    """One recording of about `seconds`, spoken by 1-3 of the bank's voices (or `voices`)."""
+    all_voices = sorted(set(bank.voices))
+    if voices is None:
+        voices = list(rng.choice(all_voices, size=min(len(all_voices), int(rng.integers(1, 4))), replace=False))
+    by_kind = {kind: [i for i in bank.of_kind(kind) if bank.voices[i] in voices]
+               for kind in ("keyword", "near_miss", "prose")}
+    kinds = ["command", "in_speech", "prose", "near_miss", "gap", "hard_negative"]
+    odds = np.array([mix.command, mix.in_speech, mix.prose, mix.near_miss, mix.gap,
+                     mix.hard_negative if hard_negatives else 0.0])
+    if not by_kind["keyword"]:
+        odds[:2] = 0
+    if not by_kind["prose"]:
+        odds[1:3] = 0
+    if not by_kind["near_miss"]:
+        odds[3] = 0
+    odds = odds / odds.sum()
+    built = _Builder(rng, mix)
+    built.pause(mix.pause_s)
+
+    def keyword() -> tuple[np.ndarray, str]:
+        index = int(rng.choice(by_kind["keyword"]))
+        return bank.utterance(index), bank.labels[index]
+
+    while built.position < seconds * SAMPLE_RATE_HZ:
+        kind = kinds[int(rng.choice(len(kinds), p=odds))]
+        if kind == "command":
+            built.put(*keyword())
+            built.pause(mix.pause_s)
+        elif kind == "in_speech":
+            built.keyword_in_speech(*keyword(), bank.utterance(int(rng.choice(by_kind["prose"]))))
+            built.pause(mix.pause_s)
+        elif kind == "prose":
+            built.put(bank.utterance(int(rng.choice(by_kind["prose"]))))
+            built.pause((0.1, 0.8))
+        elif kind == "near_miss":
+            for _ in range(int(rng.integers(1, 4))):
+                built.put(bank.utterance(int(rng.choice(by_kind["near_miss"]))))
+                built.pause(mix.pause_s)
+        elif kind == "hard_negative":
+            built.put(hard_negatives[int(rng.integers(len(hard_negatives)))])
+            built.pause((0.1, 0.5))
+        else:
+            built.pause((1.0, 3.0))
+    samples = _conditions(built.samples(), bank, voices, rng, mix)
+    return Recording(samples, built.keywords, built.speech)
+
+
+def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.random.Generator, mix: Mix) -> np.ndarray:
+    from training.augment import reverberate
+
+    if rng.random() < mix.reverb_probability:
+        samples = reverberate(samples, float(rng.uniform(*mix.rt60_s)), SAMPLE_RATE_HZ, rng)
+    background = np.zeros_like(samples)
+    others = [i for i in bank.of_kind("prose") if bank.voices[i] not in voices]
+    if others and rng.random() < mix.babble_probability:
+        # Several other voices at once, each looped to the recording's length.
+        for _ in range(int(rng.integers(3, 6))):
+            voice = bank.utterance(int(rng.choice(others)))
+            background += np.resize(voice, len(samples)) * np.float32(rng.uniform(0.5, 1.0))
+        samples = mix_at_snr(samples, background, float(rng.uniform(*mix.babble_snr_db)))
+    if rng.random() < mix.noise_probability:
+        noise = coloured_noise(len(samples), str(rng.choice(NOISE_COLOURS)), rng)
+        samples = mix_at_snr(samples, noise, float(rng.uniform(*mix.snr_db)))
+    return np.clip(samples, -1.0, 1.0).astype(np.float32)
+
+
+def frame_targets(recording: Recording, frames: int, hop_samples: int, window_samples: int,
+                  labels: list[str]) -> np.ndarray:
+    """Per-frame class ids [frames]: a keyword from its end to TARGET_AFTER_END_S after it,
+    _unknown_ on frames that overlap speech, _silence_ elsewhere."""
+    starts = np.arange(frames) * hop_samples / SAMPLE_RATE_HZ
+    ends = starts + window_samples / SAMPLE_RATE_HZ
+    targets = np.full(frames, labels.index(SILENCE), np.int64)
+    for start, end in recording.speech:
+        targets[(ends > start) & (starts < end)] = labels.index(UNKNOWN)
+    for keyword, _, end in recording.keywords:
+        targets[(ends >= end) & (ends <= end + TARGET_AFTER_END_S)] = labels.index(keyword)
+    return targets
+
+
+def negative_recording(bank: Bank, utterances: list[int], rng: np.random.Generator, mix: Mix) -> Recording:
+    """Continuous speech with no keyword: the given prose utterances read one after another."""
+    built = _Builder(rng, mix)
+    for index in utterances:
+        built.put(bank.utterance(index))
+        built.pause((0.1, 0.6))
+    samples = _conditions(built.samples(), bank, [], rng, Mix(**{**asdict(mix), "babble_probability": 0.0}))
+    return Recording(samples, [], built.speech)
+
+
+def evaluation_recordings(bank: Bank, seed: int, keyword_seconds: float = 60.0) -> dict[str, list[Recording]]:
+    """A split's judged recordings: "negative", every prose utterance once (continuous speech
+    by each voice, no keyword); "keywords", every keyword take once, said as a command or inside
+    running speech, per voice."""
+    rng = np.random.default_rng(seed)
+    negative, with_keywords = [], []
+    for voice in sorted(set(bank.voices)):
+        prose = [i for i in bank.of_kind("prose") if bank.voices[i] == voice]
+        for part in np.array_split(np.array(prose, np.int64), max(1, len(prose) // 8)):
+            if len(part):
+                negative.append(negative_recording(bank, list(part), rng, EVALUATION_MIX))
+        takes = [i for i in bank.of_kind("keyword") if bank.voices[i] == voice]
+        if takes:
+            with_keywords.extend(_keyword_recordings(bank, voice, takes, prose, rng, keyword_seconds))
+    return {"negative": negative, "keywords": with_keywords}
+
+
+class _Builder:
+    """Pieces of one recording and where its keywords and speech lie."""
+
+    def __init__(self, rng: np.random.Generator, mix: Mix):
+        self.rng, self.mix = rng, mix
+        self.pieces: list[np.ndarray] = []
+        self.keywords: list[tuple[str, float, float]] = []
+        self.speech: list[tuple[float, float]] = []
+        self.position = 0
+
+    def put(self, samples: np.ndarray, label: str | None = None, spoken: bool = True) -> None:
+        if spoken:
+            samples = samples * np.float32(10 ** (self.rng.uniform(*self.mix.gain_db) / 20))
+        start, end = self.position / SAMPLE_RATE_HZ, (self.position + len(samples)) / SAMPLE_RATE_HZ
+        if spoken and len(samples):
+            self.speech.append((start, end))
+        if label is not None:
+            self.keywords.append((label, start, end))
+        self.pieces.append(samples.astype(np.float32))
+        self.position += len(samples)
+
+    def pause(self, seconds: tuple[float, float]) -> None:
+        self.put(_pause(self.rng, seconds), spoken=False)
+
+    def keyword_in_speech(self, keyword: np.ndarray, label: str, prose: np.ndarray) -> None:
+        before, after = _split_at_pause(prose, self.rng)
+        self.put(before)
+        self.pause(self.mix.word_gap_s)
+        self.put(keyword, label)
+        self.pause(self.mix.word_gap_s)
+        self.put(after)
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self.pieces).astype(np.float32) if self.pieces else np.zeros(0, np.float32)
+
+
+def _keyword_recordings(bank: Bank, voice: str, takes: list[int], prose: list[int], rng: np.random.Generator,
+                        seconds: float) -> list[Recording]:
+    """Each keyword take exactly once: as a command between pauses, or (one in three) inside a
+    prose utterance of the same voice; now and then a prose utterance between keywords."""
+    recordings = []
+    order = list(rng.permutation(takes))
+    mix = EVALUATION_MIX
+    while order:
+        built = _Builder(rng, mix)
+        built.pause(mix.pause_s)
+        while order and built.position < seconds * SAMPLE_RATE_HZ:
+            index = int(order.pop())
+            if prose and rng.random() < 1 / 3:
+                built.keyword_in_speech(bank.utterance(index), bank.labels[index],
+                                        bank.utterance(int(rng.choice(prose))))
+            else:
+                built.put(bank.utterance(index), bank.labels[index])
+            built.pause(mix.pause_s)
+            if prose and rng.random() < 0.3:
+                built.put(bank.utterance(int(rng.choice(prose))))
+                built.pause(mix.pause_s)
+        samples = _conditions(built.samples(), bank, [voice], rng, mix)
+        recordings.append(Recording(samples, built.keywords, built.speech))
+    return recordings
+
+
+__all__ = ["Bank", "Mix", "Recording", "StreamDataConfig", "build_banks", "compose", "evaluation_recordings",
+           "frame_targets", "SynthesisError"]

@@ -1,0 +1,239 @@
+"""Training a keyword spotter for streams, the way the server runs it.
+
+Each step reads a batch of long recordings composed on the fly (training/data/streams.py):
+keywords said as commands and inside running speech, continuous prose, near misses, noise and
+babble. Targets are per frame: the keyword on the frames from its end to 300 ms after it,
+`_unknown_` on speech, `_silence_` elsewhere (weighted cross-entropy). Every batch row is a lane
+whose recurrent state carries over from one recording to the next, as a stream's state does on
+the server: a lane is reset only now and then, like a new stream. Gradients are cut every
+`chunk_frames` frames (truncated backpropagation through time). Beside the streams, each step
+also trains on joined one-second clips with the clip objective, so that the batch graph keeps
+classifying clips.
+
+Training runs in rounds. After each round but the last, the model listens to held-out prose of
+the training speakers (the "mining" bank); every stretch where it fires becomes a hard
+negative that later rounds hear often. After each round the model is judged on validation
+speakers (recall at <= 2 false alarms per hour of continuous speech); the best round is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.audio import LogMel
+from serving.audio import pcm16_to_float as to_float
+from serving.streaming import DetectorConfig
+from training.augment import Augmenter
+from training.data.streams import Bank, Mix, compose, evaluation_recordings, frame_targets
+from training.keywords import clip_frames, clip_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ContinuousSpeechTraining:
+    rounds: int = 3
+    batches_per_round: int = 80
+    lanes: int = 24  # recordings per batch, each on its own carried state
+    recording_seconds: float = 24.0
+    chunk_frames: int = 200  # truncated backpropagation: 4 s at a 20 ms hop
+    reset_probability: float = 0.1  # a lane starts from a fresh state (a new stream) this often
+    clip_batch: int = 48  # joined-clip sequences per step (the clip objective)
+    clips_per_sequence: int = 3
+    clip_weight: float = 0.5
+    keyword_weight: float = 4.0  # cross-entropy weight of keyword frames (they are rare)
+    learning_rate: float = 3e-3
+    final_learning_rate_fraction: float = 0.05
+    mining_threshold: float = 0.4
+    mining_seconds_before: float = 2.0  # audio kept before a false alarm as a hard negative
+    hard_negative_share: float = 0.15
+    seed: int = 13
+
+
+QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round=6, lanes=6, recording_seconds=12.0,
+                                       clip_batch=12)
+
+
+def frame_logits(model, features: torch.Tensor, state):
+    """Per-frame logits [B, T, C] from `state` (None: zeros), and the state after the last frame."""
+    encoded = model.encode(features)
+    outputs, state = model.rnn(encoded, state)
+    return model.head(model.dropout(outputs)), state
+
+
+def _reset_lanes(state, lanes: torch.Tensor):
+    """The carried state with the lanes marked True set back to zeros (new streams there)."""
+    if state is None:
+        return None
+    keep = (~lanes).view(1, -1, 1)
+    if isinstance(state, tuple):
+        return tuple((s * keep).detach() for s in state)
+    return (state * keep).detach()
+
+
+def posteriors_of(model, frontend: LogMel, recordings, batch: int = 32) -> list[np.ndarray]:
+    """Frame posteriors of whole recordings, each from a fresh state (the torch model; the same
+    as streaming it in chunks, which the chunking-invariance tests hold)."""
+    model.eval()
+    order = sorted(range(len(recordings)), key=lambda i: len(recordings[i].samples))
+    results: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            longest = max(len(recordings[i].samples) for i in rows)
+            waves = np.zeros((len(rows), longest), np.float32)
+            for slot, i in enumerate(rows):
+                waves[slot, : len(recordings[i].samples)] = recordings[i].samples
+            logits, _ = frame_logits(model, torch.from_numpy(frontend(waves)), None)
+            probabilities = torch.softmax(logits, -1).numpy()
+            for slot, i in enumerate(rows):
+                results[i] = probabilities[slot, : frontend.config.frames_for(len(recordings[i].samples))]
+    return [results[i] for i in range(len(recordings))]
+
+
+class StreamTrainer:
+    def __init__(self, model, banks: dict[str, Bank], clips: np.ndarray, clip_labels: np.ndarray,
+                 labels: list[str], frontend: LogMel, augmenter: Augmenter, settings: ContinuousSpeechTraining,
+                 progress: bool = False):
+        self.model, self.banks, self.labels = model, banks, labels
+        self.clips, self.clip_labels = clips, clip_labels
+        self.frontend, self.augmenter, self.settings = frontend, augmenter, settings
+        self.progress = progress
+        self.rng = np.random.default_rng(settings.seed)
+        self.hard_negatives: list[np.ndarray] = []
+        weights = torch.ones(len(labels))
+        for index, label in enumerate(labels):
+            if not label.startswith("_"):
+                weights[index] = settings.keyword_weight
+        self.weights = weights
+        config = frontend.config
+        self.hop_ms = config.hop_samples / config.sample_rate_hz * 1000
+        self.window_ms = config.window_samples / config.sample_rate_hz * 1000
+        self.seen = {"recording_hours": 0.0, "speech_without_keyword_hours": 0.0, "keywords": 0}
+        validation = evaluation_recordings(banks["validation"], settings.seed)
+        self.validation = (validation["negative"], validation["keywords"])
+        self.clip_ranges = clip_frames(config, clips.shape[1], settings.clips_per_sequence)
+
+    def _stream_batch(self):
+        settings, config = self.settings, self.frontend.config
+        recordings = [compose(self.banks["train"], settings.recording_seconds, self.rng,
+                              replace(Mix(), hard_negative=settings.hard_negative_share),
+                              hard_negatives=self.hard_negatives or None)
+                      for _ in range(settings.lanes)]
+        length = min(len(r.samples) for r in recordings)  # lanes step together: cut to the shortest
+        waves = np.stack([r.samples[:length] for r in recordings])
+        features = self.augmenter.features(waves, self.rng)
+        frames = features.shape[1]
+        targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
+                            for r in recordings])
+        for recording in recordings:
+            seconds = length / 16000
+            self.seen["recording_hours"] += seconds / 3600
+            keyword_seconds = sum(min(end, seconds) - start for _, start, end in recording.keywords if start < seconds)
+            speech_seconds = sum(min(end, seconds) - start for start, end in recording.speech if start < seconds)
+            self.seen["speech_without_keyword_hours"] += max(0.0, speech_seconds - keyword_seconds) / 3600
+            self.seen["keywords"] += sum(1 for _, start, end in recording.keywords if end <= seconds)
+        return torch.from_numpy(features), torch.from_numpy(targets)
+
+    def _clip_batch(self):
+        settings = self.settings
+        picked = self.rng.choice(len(self.clips), size=(settings.clip_batch, settings.clips_per_sequence))
+        waves = np.stack([np.concatenate([self.augmenter.waveform(to_float(self.clips[i]), self.rng) for i in row])
+                          for row in picked])
+        return torch.from_numpy(self.augmenter.features(waves, self.rng)), torch.from_numpy(self.clip_labels[picked])
+
+    def train(self) -> list[dict]:
+        settings, model = self.settings, self.model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
+        total = settings.rounds * settings.batches_per_round
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(
+            settings.final_learning_rate_fraction, 0.5 * (1 + np.cos(np.pi * min(step, total) / total))))
+        history, best = [], None
+        state = None
+        from tqdm.auto import tqdm
+
+        for round_number in range(1, settings.rounds + 1):
+            model.train()
+            losses = []
+            bar = tqdm(range(settings.batches_per_round), desc=f"keywords round {round_number}/{settings.rounds}",
+                       disable=not self.progress, leave=False, unit="batch")
+            for _ in bar:
+                features, targets = self._stream_batch()
+                resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
+                state = _reset_lanes(state, resets)
+                clip_features, clip_targets = self._clip_batch()
+                optimizer.zero_grad(set_to_none=True)
+                stream_loss = 0.0
+                chunks = range(0, features.shape[1], settings.chunk_frames)
+                for start in chunks:
+                    piece = features[:, start : start + settings.chunk_frames]
+                    logits, state = frame_logits(model, piece, state)
+                    state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+                    loss = nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        targets[:, start : start + settings.chunk_frames].reshape(-1), weight=self.weights)
+                    (loss * piece.shape[1] / features.shape[1]).backward()
+                    stream_loss += loss.item() * piece.shape[1] / features.shape[1]
+                pooled = clip_logits(frame_logits(model, clip_features, None)[0], self.clip_ranges, "frame_max")
+                clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]), clip_targets.reshape(-1))
+                (settings.clip_weight * clip_loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append((stream_loss, float(clip_loss)))
+                recent = np.mean(losses[-20:], axis=0)
+                bar.set_postfix(stream=f"{recent[0]:.3f}", clips=f"{recent[1]:.3f}")
+            mined = self.mine() if round_number < settings.rounds else 0
+            validation = self.judge()
+            stream_loss, clip_loss = np.mean(losses, axis=0)
+            row = {"round": round_number, "stream_loss": round(float(stream_loss), 4),
+                   "clip_loss": round(float(clip_loss), 4), "hard_negatives_added": mined,
+                   **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.seen.items()},
+                   "validation": validation}
+            history.append(row)
+            log.info("round %d: stream loss %.3f, clip loss %.3f, %d hard negatives added; validation recall %.3f at "
+                     "%.2f false alarms/h (%s)", round_number, row["stream_loss"], row["clip_loss"], mined,
+                     validation["recall"], validation["false_alarms_per_hour"], validation["detector"])
+            fits = validation["false_alarms_per_hour"] <= 2.0
+            key = (fits, validation["recall"], -validation["false_alarms_per_hour"])
+            if best is None or key > best[0]:
+                best = (key, copy.deepcopy(model.state_dict()), round_number)
+        model.load_state_dict(best[1])
+        history.append({"chosen_round": best[2]})
+        return history
+
+    def mine(self) -> int:
+        """Run over held-out prose of the training speakers; keep each stretch it fires on."""
+        from training.stream_eval import detect
+
+        settings = self.settings
+        recordings = evaluation_recordings(self.banks["mining"], int(self.rng.integers(2**31)))["negative"]
+        posteriors = posteriors_of(self.model, self.frontend, recordings)
+        added = 0
+        config = DetectorConfig(threshold=settings.mining_threshold, smoothing_ms=40, decision_ms=100)
+        for recording, frames in zip(recordings, posteriors, strict=True):
+            for event in detect(frames, self.labels, self.hop_ms, self.window_ms, config):
+                end = min(len(recording.samples), int((event.reported_ms / 1000 + 0.3) * 16000))
+                start = max(0, end - int((settings.mining_seconds_before + 0.3) * 16000))
+                self.hard_negatives.append(recording.samples[start:end].copy())
+                added += 1
+        return added
+
+    def judge(self) -> dict:
+        from training.stream_eval import choose, grid, judged
+
+        negative, keywords = self.validation
+        negative_posteriors = posteriors_of(self.model, self.frontend, negative)
+        keyword_posteriors = posteriors_of(self.model, self.frontend, keywords)
+        candidates = [c for c in grid() if c.decision_ms == 300]
+        results = [(c, judged(negative, keywords, negative_posteriors, keyword_posteriors, self.labels,
+                              self.hop_ms, self.window_ms, c)) for c in candidates]
+        chosen, result = choose(results)
+        return {"recall": result["recall"], "false_alarms_per_hour": result["false_alarms_per_hour"],
+                "detector": {"threshold": chosen.threshold, "smoothing_ms": chosen.smoothing_ms}}
