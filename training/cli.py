@@ -132,14 +132,20 @@ def _train(args: argparse.Namespace) -> int:
     if spec.modality == "audio":
         from training.keywords import train_keyword_spotter as trainer
     if spec.continuous_speech:
-        from training.data.streams import QUICK_STREAM_DATA, StreamDataConfig, StreamDataError, build_banks
+        from training.data.streams import (
+            QUICK_STREAM_DATA,
+            TRAINING_SPLITS,
+            StreamDataConfig,
+            StreamDataError,
+            build_banks,
+        )
         from training.stream_training import QUICK_CONTINUOUS_TRAINING, ContinuousSpeechTraining
         from training.tasks import cache_dir
 
         print("synthesising continuous speech (cached after the first run) ...", flush=True)
         try:
             banks = build_banks(cache_dir() / "streams", QUICK_STREAM_DATA if args.quick else StreamDataConfig(),
-                                workers=os.cpu_count() or 1, progress=sys.stderr.isatty())
+                                workers=os.cpu_count() or 1, progress=sys.stderr.isatty(), splits=TRAINING_SPLITS)
         except (StreamDataError, SynthesisError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -252,10 +252,11 @@ def evaluate(version_dir: Path, banks: dict, plot_path: Path | None = None, seed
 
 def run(version_dir: Path, quick: bool = False, write_card: bool = False, plot_path: Path | None = None) -> dict:
     """Evaluate a version on the bundled stream banks; with write_card, store it in model.json."""
-    from training.data.streams import QUICK_STREAM_DATA, StreamDataConfig, build_banks
+    from training.data.streams import EVALUATION_SPLITS, QUICK_STREAM_DATA, StreamDataConfig, build_banks
     from training.tasks import cache_dir
 
-    banks = build_banks(cache_dir() / "streams", QUICK_STREAM_DATA if quick else StreamDataConfig(), progress=True)
+    banks = build_banks(cache_dir() / "streams", QUICK_STREAM_DATA if quick else StreamDataConfig(), progress=True,
+                        splits=EVALUATION_SPLITS)
     plot_path = plot_path or version_dir / "det.png"
     result = evaluate(version_dir, banks, plot_path)
     if write_card:

@@ -56,8 +56,8 @@ class ContinuousSpeechTraining:
     seed: int = 13
 
 
-QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round=6, lanes=6, recording_seconds=12.0,
-                                       clip_batch=12)
+QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round=4, lanes=4, recording_seconds=10.0,
+                                                     clip_batch=8)
 
 
 def frame_logits(model, features: torch.Tensor, state):

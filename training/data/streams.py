@@ -183,8 +183,9 @@ class StreamDataConfig:
         # Held-out prose of the training speakers: where hard negatives are mined.
         "mining": BankPlan(0, 0, 8.0),
         "validation": BankPlan(3, 0, 70.0),
-        "test": BankPlan(3, 0, 135.0),
-        HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=40, festival_prose_seconds=3700.0),
+        # At least 5 hours of continuous speech by test speakers and 1 hour by the held-out voice.
+        "test": BankPlan(3, 0, 170.0),
+        HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=40, festival_prose_seconds=4300.0),
     })
     rate_wpm: tuple[int, int] = (130, 210)
     pitch: tuple[int, int] = (25, 75)
@@ -193,12 +194,12 @@ class StreamDataConfig:
 
 
 QUICK_STREAM_DATA = StreamDataConfig(plans={
-    "train": BankPlan(1, 2, 12.0, festival_keyword_takes=2, festival_near_miss_words=3,
-                      festival_prose_seconds=15.0, speaker_limit=16),
-    "mining": BankPlan(0, 0, 10.0, speaker_limit=6),
-    "validation": BankPlan(1, 0, 20.0, speaker_limit=4),
-    "test": BankPlan(1, 0, 20.0, speaker_limit=4),
-    HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=1, festival_prose_seconds=20.0),
+    "train": BankPlan(1, 2, 8.0, festival_keyword_takes=1, festival_near_miss_words=2,
+                      festival_prose_seconds=8.0, speaker_limit=8),
+    "mining": BankPlan(0, 0, 6.0, speaker_limit=4),
+    "validation": BankPlan(1, 0, 12.0, speaker_limit=3),
+    "test": BankPlan(1, 0, 12.0, speaker_limit=3),
+    HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=1, festival_prose_seconds=10.0),
 })
 
 
@@ -315,9 +316,14 @@ def bank_voices(split: str, plan: BankPlan) -> tuple[list[Speaker], list[str]]:
     return chosen, festival
 
 
+TRAINING_SPLITS = ("train", "mining", "validation")
+EVALUATION_SPLITS = ("validation", "test", HELD_OUT)
+
+
 def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), workers: int = 2,
-                progress: bool = False) -> dict[str, Bank]:
-    """Every split's bank, synthesised once into cache_dir/<digest>/<split>/ and reused after."""
+                progress: bool = False, splits: tuple[str, ...] | None = None) -> dict[str, Bank]:
+    """The banks of `splits` (default: every split), each synthesised once into
+    cache_dir/<digest>/<split>/ and reused after."""
     from multiprocessing import get_context
 
     from tqdm.auto import tqdm
@@ -325,6 +331,8 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
     banks = {}
     sentences = None
     for split, plan in config.plans.items():
+        if splits is not None and split not in splits:
+            continue
         # Each split is cached under a digest of what makes it, so changing one plan keeps the others.
         description = {"split": split, "plan": asdict(plan), "seed": config.seed, "espeak": espeak_version(),
                        "prosody": [config.rate_wpm, config.pitch, config.festival_stretch],
@@ -475,6 +483,13 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
     return Recording(samples, built.keywords, built.speech)
 
 
+def _noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:
+    """Coloured noise of any length from a power-of-two FFT (an FFT of an arbitrary length can be
+    many times slower)."""
+    size = 1 << max(0, int(samples - 1).bit_length())
+    return coloured_noise(size, colour, rng)[:samples]
+
+
 def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.random.Generator, mix: Mix) -> np.ndarray:
     from training.augment import reverberate
 
@@ -489,7 +504,7 @@ def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.rand
             background += np.resize(voice, len(samples)) * np.float32(rng.uniform(0.5, 1.0))
         samples = mix_at_snr(samples, background, float(rng.uniform(*mix.babble_snr_db)))
     if rng.random() < mix.noise_probability:
-        noise = coloured_noise(len(samples), str(rng.choice(NOISE_COLOURS)), rng)
+        noise = _noise(len(samples), str(rng.choice(NOISE_COLOURS)), rng)
         samples = mix_at_snr(samples, noise, float(rng.uniform(*mix.snr_db)))
     return np.clip(samples, -1.0, 1.0).astype(np.float32)
 
