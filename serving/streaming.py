@@ -71,6 +71,8 @@ class Detection:
     start_ms: float
     end_ms: float
     confidence: float
+    # Stream time at which the detector reported it (the end of the frame that closed it).
+    reported_ms: float = 0.0
 
 
 @dataclass
@@ -152,7 +154,7 @@ class KeywordDetector:
         # (unused, first frame, last frame, per-keyword peaks) of the open event
         self.open: tuple[None, int, int, np.ndarray] | None = None
 
-    def _close(self) -> Detection:
+    def _close(self, at_frame: int) -> Detection:
         _, first, last, peaks = self.open
         self.open = None
         # The keyword with the highest peak while the event was open names it.
@@ -160,7 +162,7 @@ class KeywordDetector:
         end_ms = last * self.hop_ms + self.window_ms
         self.refractory_until_ms = end_ms + self.config.refractory_ms
         start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
-        return Detection(self.labels[label], start_ms, end_ms, peak)
+        return Detection(self.labels[label], start_ms, end_ms, peak, at_frame * self.hop_ms + self.window_ms)
 
     def update(self, posteriors: np.ndarray) -> tuple[list[Detection], np.ndarray]:
         """Feed [T, C] frame posteriors; returns the events closed and the smoothed [T, C]."""
@@ -191,14 +193,14 @@ class KeywordDetector:
                     np.maximum(peaks, keyword_scores[offset], out=peaks)
                     self.open = (None, first, frame if score >= threshold else last, peaks)
                     continue
-                events.append(self._close())
+                events.append(self._close(frame))
             if score >= threshold and frame * self.hop_ms >= self.refractory_until_ms:
                 self.open = (None, frame, frame, keyword_scores[offset].copy())
         self.frame += len(smoothed)
         return events, smoothed
 
     def finish(self) -> list[Detection]:
-        return [self._close()] if self.open is not None else []
+        return [self._close(max(self.frame - 1, 0))] if self.open is not None else []
 
 
 @dataclass
