@@ -77,7 +77,7 @@ def _reset_lanes(state, lanes: torch.Tensor):
     return (state * keep).detach()
 
 
-def posteriors_of(model, frontend: LogMel, recordings, batch: int = 32) -> list[np.ndarray]:
+def posteriors_of(model, frontend: LogMel, recordings, batch: int = 32, chunk_frames: int = 500) -> list[np.ndarray]:
     """Frame posteriors of whole recordings, each from a fresh state (the torch model; the same
     as streaming it in chunks, which the chunking-invariance tests hold)."""
     model.eval()
@@ -87,11 +87,19 @@ def posteriors_of(model, frontend: LogMel, recordings, batch: int = 32) -> list[
         for start in range(0, len(order), batch):
             rows = order[start : start + batch]
             longest = max(len(recordings[i].samples) for i in rows)
-            waves = np.zeros((len(rows), longest), np.float32)
+            waves = np.zeros((batch, longest), np.float32)  # a fixed batch size: see _stream_batch
             for slot, i in enumerate(rows):
                 waves[slot, : len(recordings[i].samples)] = recordings[i].samples
-            logits, _ = frame_logits(model, torch.from_numpy(frontend(waves)), None)
-            probabilities = torch.softmax(logits, -1).numpy()
+            features = torch.from_numpy(frontend(waves))
+            # Fixed-length chunks with the state carried (padding only at the end, which a
+            # unidirectional model never looks back on).
+            chunks = -(-features.shape[1] // chunk_frames)
+            features = nn.functional.pad(features, (0, 0, 0, chunks * chunk_frames - features.shape[1]))
+            state, pieces = None, []
+            for first in range(0, features.shape[1], chunk_frames):
+                logits, state = frame_logits(model, features[:, first : first + chunk_frames], state)
+                pieces.append(logits)
+            probabilities = torch.softmax(torch.cat(pieces, dim=1), -1).numpy()
             for slot, i in enumerate(rows):
                 results[i] = probabilities[slot, : frontend.config.frames_for(len(recordings[i].samples))]
     return [results[i] for i in range(len(recordings))]
@@ -126,8 +134,11 @@ class StreamTrainer:
                               replace(Mix(), hard_negative=settings.hard_negative_share),
                               hard_negatives=self.hard_negatives or None)
                       for _ in range(settings.lanes)]
-        length = min(len(r.samples) for r in recordings)  # lanes step together: cut to the shortest
-        waves = np.stack([r.samples[:length] for r in recordings])
+        # Every batch has the same shape (a whole number of chunks): PyTorch's CPU LSTM builds its
+        # kernels again for every new sequence length, which costs more than the step itself.
+        frames = int(settings.recording_seconds * 1000 / self.hop_ms) // settings.chunk_frames * settings.chunk_frames
+        length = (frames - 1) * config.hop_samples + config.window_samples
+        waves = np.stack([np.pad(r.samples[:length], (0, max(0, length - len(r.samples)))) for r in recordings])
         features = self.augmenter.features(waves, self.rng)
         frames = features.shape[1]
         targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
@@ -186,7 +197,7 @@ class StreamTrainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
-                losses.append((stream_loss, float(clip_loss)))
+                losses.append((stream_loss, clip_loss.item()))
                 recent = np.mean(losses[-20:], axis=0)
                 bar.set_postfix(stream=f"{recent[0]:.3f}", clips=f"{recent[1]:.3f}")
             mined = self.mine() if round_number < settings.rounds else 0
