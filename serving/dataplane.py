@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
+from serving.runtime import OnnxSession
 from serving.streaming import DetectorConfig, Stream, StreamLimits, StreamManager
 
 
@@ -36,6 +38,9 @@ class BatchingConfig:
     max_batch_rows: int = 64
     max_delay_s: float = 0.002
     max_queue_rows: int = 4096
+    # An idle instance holds fewer rows than this (up to max_delay_s) when no other instance is
+    # busy; 0: max_batch_rows.
+    preferred_rows: int = 0
 
 
 def _padded_runs(rows: list[np.ndarray], max_rows: int, run) -> list[np.ndarray]:
@@ -82,10 +87,14 @@ class DataPlane:
         key = (model.name, model.version)
         with self._lock:
             if key not in self._batchers:
+                busy = self.metrics.instances_busy.labels(model.name)
+                self.metrics.instances.labels(model.name).set(len(model.sessions))
                 self._batchers[key] = Batcher(
-                    f"{model.name}/{model.version}", lambda payloads: self._run_jobs(model, payloads),
+                    f"{model.name}/{model.version}",
+                    [functools.partial(self._run_jobs, model, session=session) for session in model.sessions],
                     self.batching.max_batch_rows, self.batching.max_delay_s, self.batching.max_queue_rows,
                     observe=lambda waits, seconds, rows: self._observe(model.name, waits, seconds, rows),
+                    preferred_rows=self.batching.preferred_rows or None, track_busy=busy.inc,
                 )
             return self._batchers[key]
 
@@ -95,14 +104,16 @@ class DataPlane:
         self.metrics.compute_seconds.labels(name).observe(seconds)
         self.metrics.batch_rows.labels(name).observe(rows)
 
-    def _run_jobs(self, model: ModelVersion, payloads: list) -> list:
-        """One batcher call: every job's rows together; each job gets its own results back."""
+    def _run_jobs(self, model: ModelVersion, payloads: list, session: OnnxSession | None = None) -> list:
+        """One batcher call on one instance's session (default the first): every job's rows
+        together; each job gets its own results back."""
+        session = session or model.session
         kind = payloads[0][0]
         if kind == "tensors":
-            return self._run_tensor_jobs(model, payloads)
+            return self._run_tensor_jobs(session, payloads)
         rows = [row for _, job_rows in payloads for row in job_rows]
         max_rows = self.batching.max_batch_rows if self.batching else len(rows)
-        logits = _padded_runs(rows, max_rows, lambda batch, lengths: self._logits(model, kind, batch, lengths))
+        logits = _padded_runs(rows, max_rows, lambda batch, lengths: self._logits(session, kind, batch, lengths))
         results, position = [], 0
         for _, job_rows in payloads:
             results.append(np.stack(logits[position : position + len(job_rows)]))
@@ -110,9 +121,9 @@ class DataPlane:
         return results
 
     @staticmethod
-    def _logits(model: ModelVersion, kind: str, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def _logits(session: OnnxSession, kind: str, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         name = "input_ids" if kind == "text" else "features"
-        return model.session.run({name: batch, "lengths": lengths}, ["logits"])[0]
+        return session.run({name: batch, "lengths": lengths}, ["logits"])[0]
 
     def _scores(
         self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
@@ -315,7 +326,7 @@ class DataPlane:
         if batcher is None or len(rows) != 1:  # no common batch axis: run alone, here
             done: Future = Future()
             try:
-                done.set_result(self._run_tensor_jobs(model, [payload])[0])
+                done.set_result(self._run_tensor_jobs(model.session, [payload])[0])
             except InvalidInput as error:
                 done.set_exception(error)
             return model, done
@@ -323,23 +334,23 @@ class DataPlane:
         return model, batcher.submit(payload, rows.pop(), key=key, deadline=deadline)
 
     @staticmethod
-    def _run_tensor(model: ModelVersion, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:
+    def _run_tensor(session: OnnxSession, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:
         try:
-            return dict(zip(wanted, model.session.run(feeds, list(wanted)), strict=True))
+            return dict(zip(wanted, session.run(feeds, list(wanted)), strict=True))
         except Exception as error:  # ONNX Runtime rejects shapes it cannot run, e.g. mismatched batch axes
             raise InvalidInput(f"inputs: the model cannot run them: {str(error).splitlines()[0][:300]}") from None
 
-    def _run_tensor_jobs(self, model: ModelVersion, payloads: list) -> list[dict[str, np.ndarray]]:
+    def _run_tensor_jobs(self, session: OnnxSession, payloads: list) -> list[dict[str, np.ndarray]]:
         """Jobs of one key share a call, concatenated on axis 0, when every output has that
         batch axis; otherwise each job runs alone."""
         wanted = payloads[0][2]
         if len(payloads) == 1:
-            return [self._run_tensor(model, payloads[0][1], wanted)]
+            return [self._run_tensor(session, payloads[0][1], wanted)]
         sizes = [next(iter(feeds.values())).shape[0] for _, feeds, _ in payloads]
         joined = {name: np.concatenate([feeds[name] for _, feeds, _ in payloads]) for name in payloads[0][1]}
-        outputs = self._run_tensor(model, joined, wanted)
+        outputs = self._run_tensor(session, joined, wanted)
         if any(value.ndim == 0 or value.shape[0] != sum(sizes) for value in outputs.values()):
-            return [self._run_tensor(model, feeds, wanted) for _, feeds, _ in payloads]
+            return [self._run_tensor(session, feeds, wanted) for _, feeds, _ in payloads]
         splits = np.cumsum(sizes)[:-1]
         parts = {name: np.split(value, splits) for name, value in outputs.items()}
         return [{name: parts[name][index] for name in wanted} for index in range(len(payloads))]

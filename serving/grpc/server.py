@@ -74,9 +74,11 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
     if dataplane is None:
+        runtime = settings.runtime_options()
         dataplane = DataPlane(
-            load_repository(settings.models, settings.runtime_options()),
-            BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
+            load_repository(settings.models, runtime, per_model=settings.model_runtime_options(runtime)),
+            BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows,
+                           settings.batch_preferred_rows),
             settings.stream_limits(),
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
