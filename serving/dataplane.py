@@ -72,6 +72,9 @@ class DataPlane:
         self._lock = threading.Lock()
         self.metrics = Metrics()
         self.metrics.set_models({name: entry.ready for name, entry in models.items()})
+        for entry in models.values():
+            if entry.ready:
+                self.metrics.instances.labels(entry.name).set(len(entry.versions[entry.version_names()[0]].sessions))
         self.streams = StreamManager(self.metrics, stream_limits)
 
     def close(self) -> None:
@@ -88,7 +91,6 @@ class DataPlane:
         with self._lock:
             if key not in self._batchers:
                 busy = self.metrics.instances_busy.labels(model.name)
-                self.metrics.instances.labels(model.name).set(len(model.sessions))
                 self._batchers[key] = Batcher(
                     f"{model.name}/{model.version}",
                     [functools.partial(self._run_jobs, model, session=session) for session in model.sessions],

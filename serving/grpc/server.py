@@ -120,22 +120,27 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     return RunningServer(server, port, health_servicer, dataplane, executor, metrics_port)
 
 
-async def _serve_until_signal(settings: ServerSettings) -> None:
+async def _serve_until_signal(settings: ServerSettings, on_ready=None) -> None:
     running = await create_server(settings)
     ready = [e.name for e in running.dataplane.list_models() if e.ready]
-    log.info("serving %s on %s:%d", ", ".join(ready) or "no ready model", settings.host, running.port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if on_ready is None:
+        log.info("serving %s on %s:%d", ", ".join(ready) or "no ready model", settings.host, running.port)
+    else:
+        on_ready(ready, running.port)
     await stopping.wait()
     log.info("shutting down: finishing in-flight work (grace %.1f s)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
 
 
-def serve(settings: ServerSettings) -> int:
-    """Run until SIGTERM/SIGINT; health turns NOT_SERVING, in-flight calls finish, exit 0."""
-    asyncio.run(_serve_until_signal(settings))
+def serve(settings: ServerSettings, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT; health turns NOT_SERVING, in-flight calls finish, exit 0.
+    `on_ready(ready_model_names, port)` replaces the "serving ..." log line (workers report to
+    their parent with it)."""
+    asyncio.run(_serve_until_signal(settings, on_ready))
     return 0
 
 
