@@ -188,8 +188,13 @@ def test_many_instances_under_64_clients_equal_unbatched_results_and_overlap():
 
         with ThreadPoolExecutor(len(requests)) as pool:
             served = list(pool.map(send, range(len(requests))))
+        # Stream steps run on the same number of instances (of step.onnx).
+        tensor = triton.InferInput("text", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"a fine day "], dtype=object))
+        kserve.infer("sentiment", [tensor], sequence_id=1, sequence_start=True, sequence_end=True)
         kserve.close()
         plane = server.running.dataplane
+        assert plane.metrics.registry.get_sample_value("rnnserve_instances", {"model": "sentiment/step"}) == 2
         batcher = plane.batcher(plane.model("sentiment"))
         stats = batcher.stats
         assert batcher.instances == 2
