@@ -14,10 +14,14 @@ batch forms in the queue while they do (pipelining). The scheduler's rule for an
 
 A job whose deadline passed while it waited is dropped unrun (DEADLINE_EXCEEDED). Results equal
 unbatched ones: the graphs are padding-invariant, and each job gets its own rows back.
+
+Callers on an event loop (`submit_async`) get an asyncio future, and an instance resolves all of
+a batch's futures of one loop with a single cross-thread wake-up of that loop, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -34,10 +38,51 @@ class Job:
     rows: int
     # Jobs with different keys never share a call (e.g. tensors of different shapes).
     key: Hashable = None
-    future: Future = field(default_factory=Future)
+    # Where the result goes: a thread's Future, or an asyncio future of an event loop.
+    future: Future | None = None
+    waiter: asyncio.Future | None = None
+    # Turns the runner's result for this job into the caller's (on the instance thread).
+    then: Callable[[object], object] | None = None
     submitted: float = field(default_factory=time.perf_counter)
     # time.monotonic() after which nobody waits for the result any more (None: no deadline).
     deadline: float | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        """The caller stopped waiting (cancelled call). A thread's Future is marked running here."""
+        if self.waiter is not None:
+            return self.waiter.cancelled()  # a flag read across threads: at worst a late cancel runs
+        return not self.future.set_running_or_notify_cancel()
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """On the event loop: hand a batch's results to its waiters."""
+    for waiter, value, error in outcomes:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(error)
+
+
+def deliver(outcomes: list[tuple[Job, object, BaseException | None]]) -> None:
+    """Results (or errors) to their callers: Futures at once, asyncio futures with one
+    call_soon_threadsafe per event loop for the whole list."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, value, error in outcomes:
+        if job.waiter is None:
+            if error is None:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(error)
+        else:
+            by_loop.setdefault(job.waiter.get_loop(), []).append((job.waiter, value, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, items)
+        except RuntimeError:  # the loop has closed: nobody waits for these any more
+            pass
 
 
 @dataclass
@@ -201,10 +246,20 @@ class Batcher:
     def instances(self) -> int:
         return len(self.runners)
 
-    def submit(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> Future:
-        job = Job(payload, rows, key, deadline=deadline)
+    def submit(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None,
+               then: Callable[[object], object] | None = None) -> Future:
+        """Queue a job for a caller on a thread; the Future holds then(result) (or the result)."""
+        job = Job(payload, rows, key, future=Future(), then=then, deadline=deadline)
         self.scheduler.submit(job)
         return job.future
+
+    def submit_async(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None,
+                     then: Callable[[object], object] | None = None) -> asyncio.Future:
+        """submit() for a caller on the running event loop: an asyncio future of that loop."""
+        job = Job(payload, rows, key, waiter=asyncio.get_running_loop().create_future(), then=then,
+                  deadline=deadline)
+        self.scheduler.submit(job)
+        return job.waiter
 
     def run(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> object:
         """Submit and wait for this job's result (raises what the runner raised)."""
@@ -227,17 +282,21 @@ class Batcher:
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs someone still waits for; those past their deadline get DEADLINE_EXCEEDED."""
         now = time.monotonic()
-        live = []
+        live, expired = [], []
         for job in jobs:
-            if not job.future.set_running_or_notify_cancel():
+            late = job.deadline is not None and now > job.deadline
+            if job.abandoned:  # e.g. gRPC cancelled the call at its deadline: counted, not run
+                if late:
+                    self.scheduler.expired()
                 continue
-            if job.deadline is not None and now > job.deadline:
+            if late:
                 self.scheduler.expired()
-                job.future.set_exception(DeadlineExceeded(
+                expired.append((job, None, DeadlineExceeded(
                     f"model {self.name!r}: the deadline passed while the request waited; it was not run"
-                ))
+                )))
                 continue
             live.append(job)
+        deliver(expired)
         return live
 
     def _execute(self, runner: Callable[[list[object]], list[object]], live: list[Job]) -> None:
@@ -246,21 +305,25 @@ class Batcher:
         started = time.perf_counter()
         try:
             results = runner([job.payload for job in live])
+            if len(results) != len(live):  # a runner bug must still answer every waiting request
+                raise RuntimeError(f"model {self.name!r}: {len(results)} results for {len(live)} jobs")
         except BaseException as error:  # every waiting request gets the error
-            for job in live:
-                job.future.set_exception(error)
+            deliver([(job, None, error) for job in live])
             return
         finally:
             if self.track_busy is not None:
                 self.track_busy(-1)
-        if len(results) != len(live):  # a runner bug must still answer every waiting request
-            error = RuntimeError(f"model {self.name!r}: {len(results)} results for {len(live)} jobs")
-            for job in live:
-                job.future.set_exception(error)
-            return
         rows = sum(job.rows for job in live)
         self.scheduler.count(len(live), rows)
         if self.observe is not None:
             self.observe([started - job.submitted for job in live], time.perf_counter() - started, rows)
+        outcomes = []
         for job, result in zip(live, results, strict=True):
-            job.future.set_result(result)
+            if job.then is None:
+                outcomes.append((job, result, None))
+                continue
+            try:
+                outcomes.append((job, job.then(result), None))
+            except Exception as error:  # this job's own post-processing failed: only it gets the error
+                outcomes.append((job, None, error))
+        deliver(outcomes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from concurrent.futures import Future
@@ -131,18 +132,23 @@ class DataPlane:
         self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
     ) -> np.ndarray:
         """Logits [len(rows), C] for one request, batched with concurrent ones when enabled."""
-        return self._submit_scores(model, kind, rows, deadline).result()
+        return self._submit(model, (kind, rows), len(rows), kind, deadline).result()
 
-    def _submit_scores(
-        self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
-    ) -> Future:
-        """A Future of _scores: queued on the model's batcher, or computed here without one."""
+    def _submit(self, model: ModelVersion, payload: tuple, rows: int, key, deadline: float | None,
+                then=None, on_loop: bool = False) -> Future | asyncio.Future:
+        """then(result) of one job: queued on the model's batcher (a Future, or with on_loop an
+        asyncio future of the running loop), or computed here without a batcher."""
         batcher = self.batcher(model)
-        if batcher is None:
-            done: Future = Future()
-            done.set_result(self._run_jobs(model, [(kind, rows)])[0])
-            return done
-        return batcher.submit((kind, rows), len(rows), key=kind, deadline=deadline)
+        if batcher is not None:
+            submit = batcher.submit_async if on_loop else batcher.submit
+            return submit(payload, rows, key=key, deadline=deadline, then=then)
+        done = asyncio.get_running_loop().create_future() if on_loop else Future()
+        try:
+            result = self._run_jobs(model, [payload])[0]
+            done.set_result(then(result) if then else result)
+        except InvalidInput as error:
+            done.set_exception(error)
+        return done
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -200,14 +206,19 @@ class DataPlane:
     def classify_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
     ) -> tuple[ModelVersion, list[Prediction]]:
-        model, pending = self.submit_texts(name, version, texts, top_k, deadline)
-        return model, pending.result()
+        model, rows, then = self._text_job(name, version, texts, top_k)
+        return model, self._submit(model, ("text", rows), len(rows), "text", deadline, then).result()
 
     def submit_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
-    ) -> tuple[ModelVersion, Future]:
-        """classify_texts without waiting: checks and tokenises here, returns a Future of the
-        predictions (an event loop can await it instead of a thread blocking on the batch)."""
+    ) -> tuple[ModelVersion, asyncio.Future]:
+        """classify_texts for a caller on the event loop: checks and tokenises here, returns an
+        asyncio future of the predictions (resolved with the rest of its batch in one wake-up)."""
+        model, rows, then = self._text_job(name, version, texts, top_k)
+        return model, self._submit(model, ("text", rows), len(rows), "text", deadline, then, on_loop=True)
+
+    def _text_job(self, name: str, version: str, texts: list[str], top_k: int):
+        """Checked and tokenised texts: (model, token rows, logits -> predictions)."""
         model = self.model(name, version)
         if model.encoder is None:
             raise InvalidInput(f"model {name!r} is a {model.task} model and does not take texts")
@@ -224,19 +235,8 @@ class DataPlane:
         for index, ids in enumerate(token_ids):
             if not ids:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
-        scores = self._submit_scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids], deadline)
-        predictions: Future = Future()
-
-        def finish(done: Future) -> None:
-            if not predictions.set_running_or_notify_cancel():
-                return  # the caller stopped waiting (deadline, cancelled call)
-            try:
-                predictions.set_result(self._predictions(done.result(), labels, top_k))
-            except BaseException as error:  # the batch's error (deadline, queue, model) goes to the caller
-                predictions.set_exception(error)
-
-        scores.add_done_callback(finish)
-        return model, predictions
+        rows = [np.asarray(ids, np.int64) for ids in token_ids]
+        return model, rows, functools.partial(self._predictions, labels=labels, top_k=top_k)
 
     def classify_audio(
         self, name: str, version: str, clips: list[dict], top_k: int = 0, deadline: float | None = None
@@ -284,15 +284,21 @@ class DataPlane:
     ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """A plain tensor model (no card): the graph's inputs in, its outputs out. Names,
         dtypes, ranks and fixed dimensions are checked against the graph."""
-        model, pending = self.submit_tensors(name, version, inputs, outputs, deadline)
+        model, pending = self._submit_tensors(name, version, inputs, outputs, deadline, on_loop=False)
         return model, pending.result()
 
     def submit_tensors(
         self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
         deadline: float | None = None,
-    ) -> tuple[ModelVersion, Future]:
-        """infer_tensors without waiting: checks the inputs here and returns a Future of the
-        outputs (so an event loop can await it without a thread blocking on the batch)."""
+    ) -> tuple[ModelVersion, asyncio.Future]:
+        """infer_tensors for a caller on the event loop: checks the inputs here and returns an
+        asyncio future of the outputs (resolved with the rest of its batch in one wake-up)."""
+        return self._submit_tensors(name, version, inputs, outputs, deadline, on_loop=True)
+
+    def _submit_tensors(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None,
+        deadline: float | None, on_loop: bool,
+    ) -> tuple[ModelVersion, Future | asyncio.Future]:
         model = self.model(name, version)
         if model.card is not None:
             raise InvalidInput(f"model {name!r} is a {model.task} model: send its task inputs, not raw tensors")
@@ -326,14 +332,14 @@ class DataPlane:
         batcher = self.batcher(model)
         rows = {array.shape[0] for array in feeds.values() if array.ndim}
         if batcher is None or len(rows) != 1:  # no common batch axis: run alone, here
-            done: Future = Future()
+            done = asyncio.get_running_loop().create_future() if on_loop else Future()
             try:
                 done.set_result(self._run_tensor_jobs(model.session, [payload])[0])
             except InvalidInput as error:
                 done.set_exception(error)
             return model, done
         key = ("tensors", tuple(wanted), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
-        return model, batcher.submit(payload, rows.pop(), key=key, deadline=deadline)
+        return model, self._submit(model, payload, rows.pop(), key, deadline, on_loop=on_loop)
 
     @staticmethod
     def _run_tensor(session: OnnxSession, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:

@@ -470,8 +470,8 @@ class StreamManager:
         stream.chunks += 1
         results: list[StepResult] = []
         if rows:
-            future = self._runner(stream.model).submit(rows, len(rows))
-            results = await asyncio.wrap_future(future)
+            # Steps of every stream awaiting this batch wake the loop once, together.
+            results = await self._runner(stream.model).submit_async(rows, len(rows))
         stream.last_active = time.monotonic()
         return stream.apply(rows, results, last)
 
