@@ -124,16 +124,18 @@ class JobQueue:
     def take(self, max_rows: int) -> list[Job]:
         """The oldest job and the next ones of its key, up to max_rows (the first always)."""
         key = self._jobs[0].key
-        jobs, rows = [], 0
+        jobs, rows, skipped = [], 0, False
         for job in self._jobs:
             if job.key != key:
+                skipped = True
                 continue
             if jobs and rows + job.rows > max_rows:
                 break
             jobs.append(job)
             rows += job.rows
-        if len(jobs) == len(self._jobs):
-            self._jobs.clear()
+        if not skipped:  # the usual case: the batch is the head of the queue
+            for _ in jobs:
+                self._jobs.popleft()
         else:
             taken = {id(job) for job in jobs}
             self._jobs = collections.deque(job for job in self._jobs if id(job) not in taken)

@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from serving.batching import Batcher
 from serving.dataplane import BatchingConfig, DataPlane
@@ -201,3 +203,22 @@ def test_many_instances_under_64_clients_equal_unbatched_results_and_overlap():
     for got, want in zip(served, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert stats.jobs == len(requests) and stats.max_concurrent == 2, stats
+
+
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(1, 5)), min_size=1, max_size=40), st.integers(1, 8))
+def test_the_queue_hands_out_every_job_once_oldest_first_one_key_per_batch(jobs, max_rows):
+    from serving.batching import Job, JobQueue
+
+    queue = JobQueue("test", max_queue_rows=10_000)
+    queued = [Job(index, rows, key) for index, (key, rows) in enumerate(jobs)]
+    for job in queued:
+        queue.put(job)
+    handed = []
+    while len(queue):
+        oldest = queue.oldest
+        batch = queue.take(max_rows)
+        assert batch[0] is oldest and len({job.key for job in batch}) == 1
+        assert len(batch) == 1 or sum(job.rows for job in batch) <= max_rows
+        assert [job.payload for job in batch] == sorted(job.payload for job in batch)
+        handed += batch
+    assert sorted(job.payload for job in handed) == list(range(len(jobs))) and queue.rows == 0
