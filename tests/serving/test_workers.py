@@ -20,12 +20,16 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.dataplane import DataPlane
-from serving.grpc.client import RnnServeClient
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
 from serving.repository import load_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 RNNSERVE = [sys.executable, "-m", "serving", "serve", "--models", str(ROOT / "models"), "--port", "0"]
 SERVING = re.compile(r"serving .* on 127\.0\.0\.1:(\d+) \((\d+) workers")
+# Channels of one process share their connections (gRPC's global subchannel pool) unless told
+# otherwise: each of these gets its own, so the kernel can hand it to either worker.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 WORDS = "the flight was late again but the crew were kind and the food was awful great terrible fine".split()
 
 
@@ -70,6 +74,21 @@ class WorkerGroup:
             self.process.wait()
 
 
+def _classify(channel: grpc.Channel, texts: list[str]) -> list[pb.Classification]:
+    stub = rnnserve_pb2_grpc.RnnServeStub(channel)
+    return list(stub.Classify(pb.ClassifyRequest(model="sentiment", texts=texts), timeout=60).results)
+
+
+def _kserve(target: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(target, channel_args=OWN_CONNECTION)
+
+
+def _fragment(value: str) -> triton.InferInput:
+    tensor = triton.InferInput("text", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
+    return tensor
+
+
 def _texts(rng: np.random.Generator, count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))) for _ in range(count)]
 
@@ -83,9 +102,9 @@ def test_workers_answer_64_clients_like_an_unbatched_server_and_sum_their_metric
     with WorkerGroup(tmp_path, "--workers", "2", "--instances", "1", "--metrics-port", "0") as group:
         assert group.workers == 2
 
-        def send(texts):  # a channel (connection) per client, so the kernel spreads them over the workers
-            with RnnServeClient(group.target) as client:
-                return np.array([r.probabilities for r in client.classify("sentiment", texts)])
+        def send(texts):  # a connection per client, so the kernel spreads them over the workers
+            with grpc.insecure_channel(group.target, options=OWN_CONNECTION) as channel:
+                return np.array([r.probabilities for r in _classify(channel, texts)])
 
         with ThreadPoolExecutor(len(requests)) as pool:
             served = list(pool.map(send, requests))
@@ -104,21 +123,16 @@ def test_a_kserve_sequence_on_one_channel_keeps_its_state_across_workers(tmp_pat
     rng = np.random.default_rng(4)
     texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(8)]
 
-    def fragment(value: str) -> triton.InferInput:
-        tensor = triton.InferInput("text", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
-        return tensor
-
     with WorkerGroup(tmp_path, "--workers", "2") as group:
         def sequence(index: int) -> tuple[np.ndarray, np.ndarray]:
-            client = triton.InferenceServerClient(group.target)
+            client = _kserve(group.target)
             try:
                 words = texts[index].split(" ")
                 parts = [" ".join(words[i : i + 3]) + " " for i in range(0, len(words), 3)]
                 for position, part in enumerate(parts):
-                    result = client.infer("sentiment", [fragment(part)], sequence_id=1000 + index,
+                    result = client.infer("sentiment", [_fragment(part)], sequence_id=1000 + index,
                                           sequence_start=position == 0, sequence_end=position == len(parts) - 1)
-                whole = client.infer("sentiment", [fragment(texts[index])])
+                whole = client.infer("sentiment", [_fragment(texts[index])])
                 return result.as_numpy("probabilities")[0], whole.as_numpy("probabilities")[0]
             finally:
                 client.close()
@@ -129,19 +143,45 @@ def test_a_kserve_sequence_on_one_channel_keeps_its_state_across_workers(tmp_pat
         assert group.stop() == 0
 
 
+def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker(tmp_path):
+    """The documented behaviour: a continuation that reaches the worker holding the sequence
+    goes on; one that reaches another worker is INVALID_ARGUMENT ("no active sequence"). With 16
+    connections both happen (all on one worker: 2 in 65,536), which also shows that the kernel
+    spreads connections over the workers."""
+    with WorkerGroup(tmp_path, "--workers", "2") as group:
+        first = _kserve(group.target)
+        first.infer("sentiment", [_fragment("the flight ")], sequence_id=77, sequence_start=True)
+        outcomes = []
+        for _ in range(16):
+            other = _kserve(group.target)
+            try:
+                other.infer("sentiment", [_fragment("was late ")], sequence_id=77)
+                outcomes.append("continued")
+            except triton.InferenceServerException as error:
+                assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+                assert "no active sequence" in error.message(), error
+                outcomes.append("unknown here")
+            finally:
+                other.close()
+        first.infer("sentiment", [_fragment("again")], sequence_id=77, sequence_end=True)
+        first.close()
+        assert set(outcomes) == {"continued", "unknown here"}, outcomes
+        assert group.stop() == 0
+
+
 def test_sigterm_drains_every_worker_and_exits_0(tmp_path):
     """Requests held in the batchers (2 s delay) of both workers when SIGTERM comes: health turns
     NOT_SERVING, every request is answered, and the parent exits 0."""
     with WorkerGroup(tmp_path, "--workers", "2", "--batch-max-delay-ms", "2000", "--grace-period-s", "20") as group:
-        clients = [RnnServeClient(group.target) for _ in range(8)]
+        clients = [grpc.insecure_channel(group.target, options=OWN_CONNECTION) for _ in range(8)]
         try:
             with ThreadPoolExecutor(len(clients)) as pool:
-                list(pool.map(lambda client: client.classify("sentiment", ["warm up"]), clients))
+                list(pool.map(lambda channel: _classify(channel, ["warm up"]), clients))
                 watch_channel = grpc.insecure_channel(group.target)
                 watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(service=""))
                 assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-                pending = [pool.submit(client.classify, "sentiment", [f"flight {i} was fine"])
-                           for i, client in enumerate(clients)]
+                pending = [pool.submit(_classify, channel, [f"flight {i} was fine"])
+                           for i, channel in enumerate(clients)]
                 time.sleep(0.5)
                 assert not any(future.done() for future in pending), "requests were not held in the batchers"
                 group.process.send_signal(signal.SIGTERM)
@@ -150,8 +190,8 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path):
                 watch_channel.close()
                 answers = [future.result(timeout=30) for future in pending]
         finally:
-            for client in clients:
-                client.close()
+            for channel in clients:
+                channel.close()
         assert all(answer[0].label in {"negative", "neutral", "positive"} for answer in answers)
         assert group.process.wait(timeout=60) == 0
     log = group.log
