@@ -45,7 +45,8 @@ class ServerSettings(BaseSettings):
     )
     workers: int = Field(
         1, ge=1, le=MAX_WORKERS, description="Server processes sharing the port (SO_REUSEPORT), each with its own "
-        "event loop, batchers and instances; pays on machines with more cores than one process keeps busy.",
+        "event loop, batchers and instances; a connection stays with one worker, so they pay when many client "
+        "connections keep one process CPU-bound (about one core of Python work) below the cores there are.",
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimization level for every session: disable, basic, extended or all."
