@@ -1,21 +1,31 @@
-"""Dynamic batching: requests for one model version that arrive close together run as one
-ONNX Runtime call.
+"""Dynamic batching in Triton's terms: a queue, a scheduler that forms batches, instances that
+run them.
 
-Each model version has a Batcher with one worker thread. A request is submitted as one job
-(some rows, and the client's deadline); the worker takes the oldest job, waits at most `max_delay_s` for more, gathers
-jobs until `max_batch_rows` rows, and hands them to the model's runner, which pads them by
-length (similar lengths together) and returns each job its own rows. The queue is bounded
-in rows: beyond `max_queue_rows` a request is refused with RESOURCE_EXHAUSTED instead of
-waiting without end, and a job whose deadline passed while it waited is dropped unrun
-(DEADLINE_EXCEEDED). Results equal unbatched ones: the graphs are padding-invariant.
+Each model version (and each step graph) has a Batcher. A request is submitted as one job (some
+rows, and the client's deadline) to its bounded `JobQueue`: beyond `max_queue_rows` rows it is
+refused with RESOURCE_EXHAUSTED instead of waiting without end. Every model instance (one ONNX
+Runtime session each) is a thread that asks the `Scheduler` for its next batch; ONNX Runtime
+releases the interpreter lock while it runs, so instances compute at the same time, and the next
+batch forms in the queue while they do (pipelining). The scheduler's rule for an idle instance:
+
+- take what is queued at once (oldest first, jobs of the oldest job's key, up to
+  `max_batch_rows`) when another instance is busy, or when at least `preferred_rows` rows wait;
+- otherwise hold until either becomes true or the oldest job has waited `max_delay_s`.
+
+A job whose deadline passed while it waited is dropped unrun (DEADLINE_EXCEEDED). Results equal
+unbatched ones: the graphs are padding-invariant, and each job gets its own rows back.
+
+Callers on an event loop (`submit_async`) get an asyncio future, and an instance resolves all of
+a batch's futures of one loop with a single cross-thread wake-up of that loop, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -28,10 +38,51 @@ class Job:
     rows: int
     # Jobs with different keys never share a call (e.g. tensors of different shapes).
     key: Hashable = None
-    future: Future = field(default_factory=Future)
+    # Where the result goes: a thread's Future, or an asyncio future of an event loop.
+    future: Future | None = None
+    waiter: asyncio.Future | None = None
+    # Turns the runner's result for this job into the caller's (on the instance thread).
+    then: Callable[[object], object] | None = None
     submitted: float = field(default_factory=time.perf_counter)
     # time.monotonic() after which nobody waits for the result any more (None: no deadline).
     deadline: float | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        """The caller stopped waiting (cancelled call). A thread's Future is marked running here."""
+        if self.waiter is not None:
+            return self.waiter.cancelled()  # a flag read across threads: at worst a late cancel runs
+        return not self.future.set_running_or_notify_cancel()
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """On the event loop: hand a batch's results to its waiters."""
+    for waiter, value, error in outcomes:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(error)
+
+
+def deliver(outcomes: list[tuple[Job, object, BaseException | None]]) -> None:
+    """Results (or errors) to their callers: Futures at once, asyncio futures with one
+    call_soon_threadsafe per event loop for the whole list."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, value, error in outcomes:
+        if job.waiter is None:
+            if error is None:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(error)
+        else:
+            by_loop.setdefault(job.waiter.get_loop(), []).append((job.waiter, value, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, items)
+        except RuntimeError:  # the loop has closed: nobody waits for these any more
+            pass
 
 
 @dataclass
@@ -41,110 +92,240 @@ class BatchStats:
     rows: int = 0
     # Jobs dropped because their deadline passed before they ran.
     expired: int = 0
+    # Most instances computing at the same moment (2 or more: their calls overlapped).
+    max_concurrent: int = 0
+
+
+class JobQueue:
+    """Jobs waiting for an instance, oldest first, bounded in rows. Not locked: the scheduler
+    holds its condition around every use."""
+
+    def __init__(self, name: str, max_queue_rows: int):
+        self.name = name
+        self.max_queue_rows = max_queue_rows
+        self.rows = 0
+        self._jobs: collections.deque[Job] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def oldest(self) -> Job:
+        return self._jobs[0]
+
+    def put(self, job: Job) -> None:
+        if self.rows + job.rows > self.max_queue_rows:
+            raise ResourceExhausted(
+                f"model {self.name!r}: queue full ({self.rows} rows waiting, limit {self.max_queue_rows})"
+            )
+        self._jobs.append(job)
+        self.rows += job.rows
+
+    def take(self, max_rows: int) -> list[Job]:
+        """The oldest job and the next ones of its key, up to max_rows (the first always)."""
+        key = self._jobs[0].key
+        jobs, rows, skipped = [], 0, False
+        for job in self._jobs:
+            if job.key != key:
+                skipped = True
+                continue
+            if jobs and rows + job.rows > max_rows:
+                break
+            jobs.append(job)
+            rows += job.rows
+        if not skipped:  # the usual case: the batch is the head of the queue
+            for _ in jobs:
+                self._jobs.popleft()
+        else:
+            taken = {id(job) for job in jobs}
+            self._jobs = collections.deque(job for job in self._jobs if id(job) not in taken)
+        self.rows -= rows
+        return jobs
+
+
+class Scheduler:
+    """Forms batches from the queue for idle instances (the rule is in the module docstring)."""
+
+    def __init__(self, queue: JobQueue, max_batch_rows: int, max_delay_s: float, preferred_rows: int,
+                 stats: BatchStats):
+        self.queue = queue
+        self.max_batch_rows = max_batch_rows
+        self.max_delay_s = max_delay_s
+        self.preferred_rows = preferred_rows
+        self.stats = stats
+        self.busy = 0
+        self.closed = False
+        self._condition = threading.Condition()
+
+    def submit(self, job: Job) -> None:
+        with self._condition:
+            if self.closed:
+                raise ResourceExhausted(f"model {self.queue.name!r} is shutting down")
+            self.queue.put(job)
+            self._condition.notify()
+
+    def close(self) -> None:
+        """No new jobs; instances run what is queued without holding, then stop."""
+        with self._condition:
+            self.closed = True
+            self._condition.notify_all()
+
+    def _hold_s(self) -> float:
+        """How much longer an idle instance holds the queued jobs before running them (<= 0: none)."""
+        if self.closed or self.busy or self.queue.rows >= self.preferred_rows:
+            return 0.0
+        return self.queue.oldest.submitted + self.max_delay_s - time.perf_counter()
+
+    def next_batch(self) -> list[Job] | None:
+        """Block an idle instance until it has a batch to run; None once closed and drained."""
+        with self._condition:
+            while True:
+                if len(self.queue):
+                    hold_s = self._hold_s()
+                    if hold_s <= 0:
+                        jobs = self.queue.take(self.max_batch_rows)
+                        self.busy += 1
+                        self.stats.max_concurrent = max(self.stats.max_concurrent, self.busy)
+                        if len(self.queue):  # another idle instance takes the rest at once
+                            self._condition.notify()
+                        return jobs
+                    self._condition.wait(hold_s)
+                elif self.closed:
+                    return None
+                else:
+                    self._condition.wait()
+
+    def finished(self) -> None:
+        """An instance is idle again."""
+        with self._condition:
+            self.busy -= 1
+
+    def count(self, jobs: int, rows: int) -> None:
+        """A call ran (counted before its results go out, so a client that has its answer sees it)."""
+        with self._condition:
+            self.stats.calls += 1
+            self.stats.jobs += jobs
+            self.stats.rows += rows
+
+    def expired(self) -> None:
+        with self._condition:
+            self.stats.expired += 1
 
 
 class Batcher:
+    """A model version's queue, scheduler and instances.
+
+    `runner` runs a list of job payloads and returns one result per payload; give a sequence of
+    runners for several instances (one thread each, e.g. one per ONNX Runtime session)."""
+
     def __init__(
-        self, name: str, runner: Callable[[list[object]], list[object]], max_batch_rows: int = 64,
-        max_delay_s: float = 0.002, max_queue_rows: int = 4096,
-        observe: Callable[[list[float], float, int], None] | None = None,
+        self, name: str, runner: Callable[[list[object]], list[object]] | Sequence[Callable],
+        max_batch_rows: int = 64, max_delay_s: float = 0.002, max_queue_rows: int = 4096,
+        observe: Callable[[list[float], float, int], None] | None = None, preferred_rows: int | None = None,
+        track_busy: Callable[[int], None] | None = None,
     ):
         self.name = name
-        self.runner = runner
+        self.runners = list(runner) if isinstance(runner, Sequence) else [runner]
         self.max_batch_rows = max_batch_rows
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
         self.stats = BatchStats()
+        self.queue = JobQueue(name, max_queue_rows)
+        self.scheduler = Scheduler(self.queue, max_batch_rows, max_delay_s, preferred_rows or max_batch_rows,
+                                   self.stats)
         # Called after every batched call with (each job's queue wait, compute seconds, rows).
         self.observe = observe
-        self._queue: collections.deque[Job] = collections.deque()
-        self._queued_rows = 0
-        self._condition = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        # Called with +1 when an instance starts a call and -1 when it ends it (a busy gauge).
+        self.track_busy = track_busy
+        self._threads = [
+            threading.Thread(target=self._instance, args=(runner,), name=f"instance-{name}-{index}", daemon=True)
+            for index, runner in enumerate(self.runners)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def submit(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> Future:
-        job = Job(payload, rows, key, deadline=deadline)
-        with self._condition:
-            if self._closed:
-                raise ResourceExhausted(f"model {self.name!r} is shutting down")
-            if self._queued_rows + rows > self.max_queue_rows:
-                raise ResourceExhausted(
-                    f"model {self.name!r}: queue full ({self._queued_rows} rows waiting, limit {self.max_queue_rows})"
-                )
-            self._queue.append(job)
-            self._queued_rows += rows
-            self._condition.notify()
+    @property
+    def instances(self) -> int:
+        return len(self.runners)
+
+    def submit(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None,
+               then: Callable[[object], object] | None = None) -> Future:
+        """Queue a job for a caller on a thread; the Future holds then(result) (or the result)."""
+        job = Job(payload, rows, key, future=Future(), then=then, deadline=deadline)
+        self.scheduler.submit(job)
         return job.future
+
+    def submit_async(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None,
+                     then: Callable[[object], object] | None = None) -> asyncio.Future:
+        """submit() for a caller on the running event loop: an asyncio future of that loop."""
+        job = Job(payload, rows, key, waiter=asyncio.get_running_loop().create_future(), then=then,
+                  deadline=deadline)
+        self.scheduler.submit(job)
+        return job.waiter
 
     def run(self, payload: object, rows: int, key: Hashable = None, deadline: float | None = None) -> object:
         """Submit and wait for this job's result (raises what the runner raised)."""
         return self.submit(payload, rows, key, deadline).result()
 
     def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
-        self._thread.join(timeout=5)
+        self.scheduler.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
-    def _take(self) -> list[Job] | None:
-        with self._condition:
-            while not self._queue and not self._closed:
-                self._condition.wait()
-            if not self._queue:
-                return None
-            deadline = time.monotonic() + self.max_delay_s
-            while self._queued_rows < self.max_batch_rows and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._condition.wait(remaining)
-            first = self._queue[0]
-            jobs, rows = [], 0
-            for job in list(self._queue):
-                if job.key != first.key:
-                    continue
-                if jobs and rows + job.rows > self.max_batch_rows:
-                    break
-                jobs.append(job)
-                rows += job.rows
-            for job in jobs:
-                self._queue.remove(job)
-            self._queued_rows -= rows
-            return jobs
-
-    def _work(self) -> None:
-        while True:
-            jobs = self._take()
-            if jobs is None:
-                return
-            now = time.monotonic()
-            live = []
-            for job in jobs:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                if job.deadline is not None and now > job.deadline:
-                    self.stats.expired += 1
-                    job.future.set_exception(DeadlineExceeded(
-                        f"model {self.name!r}: the deadline passed while the request waited; it was not run"
-                    ))
-                    continue
-                live.append(job)
-            if not live:
-                continue
-            started = time.perf_counter()
+    def _instance(self, runner: Callable[[list[object]], list[object]]) -> None:
+        while (jobs := self.scheduler.next_batch()) is not None:
+            live = self._live(jobs)
             try:
-                results = self.runner([job.payload for job in live])
-            except BaseException as error:  # every waiting request gets the error
-                for job in live:
-                    job.future.set_exception(error)
+                if live:
+                    self._execute(runner, live)
+            finally:
+                self.scheduler.finished()
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs someone still waits for; those past their deadline get DEADLINE_EXCEEDED."""
+        now = time.monotonic()
+        live, expired = [], []
+        for job in jobs:
+            late = job.deadline is not None and now > job.deadline
+            if job.abandoned:  # e.g. gRPC cancelled the call at its deadline: counted, not run
+                if late:
+                    self.scheduler.expired()
                 continue
-            self.stats.calls += 1
-            self.stats.jobs += len(live)
-            self.stats.rows += sum(job.rows for job in live)
-            if self.observe is not None:
-                self.observe([started - job.submitted for job in live], time.perf_counter() - started,
-                             sum(job.rows for job in live))
-            for job, result in zip(live, results, strict=True):
-                job.future.set_result(result)
+            if late:
+                self.scheduler.expired()
+                expired.append((job, None, DeadlineExceeded(
+                    f"model {self.name!r}: the deadline passed while the request waited; it was not run"
+                )))
+                continue
+            live.append(job)
+        deliver(expired)
+        return live
+
+    def _execute(self, runner: Callable[[list[object]], list[object]], live: list[Job]) -> None:
+        if self.track_busy is not None:
+            self.track_busy(1)
+        started = time.perf_counter()
+        try:
+            results = runner([job.payload for job in live])
+            if len(results) != len(live):  # a runner bug must still answer every waiting request
+                raise RuntimeError(f"model {self.name!r}: {len(results)} results for {len(live)} jobs")
+        except BaseException as error:  # every waiting request gets the error
+            deliver([(job, None, error) for job in live])
+            return
+        finally:
+            if self.track_busy is not None:
+                self.track_busy(-1)
+        rows = sum(job.rows for job in live)
+        self.scheduler.count(len(live), rows)
+        if self.observe is not None:
+            self.observe([started - job.submitted for job in live], time.perf_counter() - started, rows)
+        outcomes = []
+        for job, result in zip(live, results, strict=True):
+            if job.then is None:
+                outcomes.append((job, result, None))
+                continue
+            try:
+                outcomes.append((job, job.then(result), None))
+            except Exception as error:  # this job's own post-processing failed: only it gets the error
+                outcomes.append((job, None, error))
+        deliver(outcomes)

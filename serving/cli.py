@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -20,11 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     from serving.settings import ServerSettings
 
     for name, info in ServerSettings.model_fields.items():
-        default = info.default
+        default = info.get_default(call_default_factory=True)
         shown = f"{default / 2**20:g} MiB" if name.endswith("_bytes") else default
+        if isinstance(default, dict):
+            kind, shown = _json_object, "none"
+        else:
+            kind = _flag_bool if isinstance(default, bool) else type(default) if default is not None else str
         serve.add_argument(
-            f"--{name.replace('_', '-')}", dest=name,
-            type=_flag_bool if isinstance(default, bool) else type(default) if default is not None else str,
+            f"--{name.replace('_', '-')}", dest=name, type=kind,
             metavar=name.upper(), help=f"{info.description} (default {shown}; env RNNSERVE_{name.upper()})",
         )
     serve.add_argument("--config", type=Path, metavar="FILE",
@@ -229,8 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings(**{**from_file, **flags})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        print(f"error: {problems}", file=sys.stderr)
+        print(f"error: {_setting_problems(error)}", file=sys.stderr)
         return 2
     try:
         settings.bearer_token()
@@ -239,10 +242,47 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
+        if settings.workers > 1:
+            from serving.workers import WorkerFailed, serve_workers
+
+            worker_logging = functools.partial(
+                configure_logging, args.log_level.upper(),
+                "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s", args.log_format == "json",
+            )
+            try:
+                return serve_workers(settings, worker_logging)
+            except WorkerFailed as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
         return serve(settings)
     except (ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _setting_problems(error) -> str:
+    """Each invalid setting named as its flag (and environment variable), with the value and the limit."""
+    problems = []
+    for problem in error.errors():
+        name, *inner = problem["loc"] or ("settings",)
+        where = f"--{str(name).replace('_', '-')} (RNNSERVE_{str(name).upper()})"
+        if inner:
+            where += " " + ".".join(map(str, inner))
+        value = f" {problem['input']!r}:" if not isinstance(problem.get("input"), dict) else ""
+        problems.append(f"{where}:{value} {problem['msg'].lower()}")
+    return "; ".join(problems)
+
+
+def _json_object(value: str) -> dict:
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"sentiment\": {\"instances\": 2}}'")
+    return parsed
 
 
 def _config_file(path: Path) -> dict:

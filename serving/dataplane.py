@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from serving.card import Limits
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
+from serving.runtime import OnnxSession
 from serving.streaming import DetectorConfig, Stream, StreamLimits, StreamManager
 
 
@@ -36,6 +39,9 @@ class BatchingConfig:
     max_batch_rows: int = 64
     max_delay_s: float = 0.002
     max_queue_rows: int = 4096
+    # An idle instance holds fewer rows than this (up to max_delay_s) when no other instance is
+    # busy; 0: max_batch_rows.
+    preferred_rows: int = 0
 
 
 def _padded_runs(rows: list[np.ndarray], max_rows: int, run) -> list[np.ndarray]:
@@ -67,6 +73,9 @@ class DataPlane:
         self._lock = threading.Lock()
         self.metrics = Metrics()
         self.metrics.set_models({name: entry.ready for name, entry in models.items()})
+        for entry in models.values():
+            if entry.ready:
+                self.metrics.instances.labels(entry.name).set(len(entry.versions[entry.version_names()[0]].sessions))
         self.streams = StreamManager(self.metrics, stream_limits)
 
     def close(self) -> None:
@@ -82,10 +91,13 @@ class DataPlane:
         key = (model.name, model.version)
         with self._lock:
             if key not in self._batchers:
+                busy = self.metrics.instances_busy.labels(model.name)
                 self._batchers[key] = Batcher(
-                    f"{model.name}/{model.version}", lambda payloads: self._run_jobs(model, payloads),
+                    f"{model.name}/{model.version}",
+                    [functools.partial(self._run_jobs, model, session=session) for session in model.sessions],
                     self.batching.max_batch_rows, self.batching.max_delay_s, self.batching.max_queue_rows,
                     observe=lambda waits, seconds, rows: self._observe(model.name, waits, seconds, rows),
+                    preferred_rows=self.batching.preferred_rows or None, track_busy=busy.inc,
                 )
             return self._batchers[key]
 
@@ -95,14 +107,16 @@ class DataPlane:
         self.metrics.compute_seconds.labels(name).observe(seconds)
         self.metrics.batch_rows.labels(name).observe(rows)
 
-    def _run_jobs(self, model: ModelVersion, payloads: list) -> list:
-        """One batcher call: every job's rows together; each job gets its own results back."""
+    def _run_jobs(self, model: ModelVersion, payloads: list, session: OnnxSession | None = None) -> list:
+        """One batcher call on one instance's session (default the first): every job's rows
+        together; each job gets its own results back."""
+        session = session or model.session
         kind = payloads[0][0]
         if kind == "tensors":
-            return self._run_tensor_jobs(model, payloads)
+            return self._run_tensor_jobs(session, payloads)
         rows = [row for _, job_rows in payloads for row in job_rows]
         max_rows = self.batching.max_batch_rows if self.batching else len(rows)
-        logits = _padded_runs(rows, max_rows, lambda batch, lengths: self._logits(model, kind, batch, lengths))
+        logits = _padded_runs(rows, max_rows, lambda batch, lengths: self._logits(session, kind, batch, lengths))
         results, position = [], 0
         for _, job_rows in payloads:
             results.append(np.stack(logits[position : position + len(job_rows)]))
@@ -110,26 +124,31 @@ class DataPlane:
         return results
 
     @staticmethod
-    def _logits(model: ModelVersion, kind: str, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def _logits(session: OnnxSession, kind: str, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         name = "input_ids" if kind == "text" else "features"
-        return model.session.run({name: batch, "lengths": lengths}, ["logits"])[0]
+        return session.run({name: batch, "lengths": lengths}, ["logits"])[0]
 
     def _scores(
         self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
     ) -> np.ndarray:
         """Logits [len(rows), C] for one request, batched with concurrent ones when enabled."""
-        return self._submit_scores(model, kind, rows, deadline).result()
+        return self._submit(model, (kind, rows), len(rows), kind, deadline).result()
 
-    def _submit_scores(
-        self, model: ModelVersion, kind: str, rows: list[np.ndarray], deadline: float | None = None
-    ) -> Future:
-        """A Future of _scores: queued on the model's batcher, or computed here without one."""
+    def _submit(self, model: ModelVersion, payload: tuple, rows: int, key, deadline: float | None,
+                then=None, on_loop: bool = False) -> Future | asyncio.Future:
+        """then(result) of one job: queued on the model's batcher (a Future, or with on_loop an
+        asyncio future of the running loop), or computed here without a batcher."""
         batcher = self.batcher(model)
-        if batcher is None:
-            done: Future = Future()
-            done.set_result(self._run_jobs(model, [(kind, rows)])[0])
-            return done
-        return batcher.submit((kind, rows), len(rows), key=kind, deadline=deadline)
+        if batcher is not None:
+            submit = batcher.submit_async if on_loop else batcher.submit
+            return submit(payload, rows, key=key, deadline=deadline, then=then)
+        done = asyncio.get_running_loop().create_future() if on_loop else Future()
+        try:
+            result = self._run_jobs(model, [payload])[0]
+            done.set_result(then(result) if then else result)
+        except InvalidInput as error:
+            done.set_exception(error)
+        return done
 
     def list_models(self) -> list[ModelEntry]:
         return [self.models[name] for name in sorted(self.models)]
@@ -187,14 +206,19 @@ class DataPlane:
     def classify_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
     ) -> tuple[ModelVersion, list[Prediction]]:
-        model, pending = self.submit_texts(name, version, texts, top_k, deadline)
-        return model, pending.result()
+        model, rows, then = self._text_job(name, version, texts, top_k)
+        return model, self._submit(model, ("text", rows), len(rows), "text", deadline, then).result()
 
     def submit_texts(
         self, name: str, version: str, texts: list[str], top_k: int = 0, deadline: float | None = None
-    ) -> tuple[ModelVersion, Future]:
-        """classify_texts without waiting: checks and tokenises here, returns a Future of the
-        predictions (an event loop can await it instead of a thread blocking on the batch)."""
+    ) -> tuple[ModelVersion, asyncio.Future]:
+        """classify_texts for a caller on the event loop: checks and tokenises here, returns an
+        asyncio future of the predictions (resolved with the rest of its batch in one wake-up)."""
+        model, rows, then = self._text_job(name, version, texts, top_k)
+        return model, self._submit(model, ("text", rows), len(rows), "text", deadline, then, on_loop=True)
+
+    def _text_job(self, name: str, version: str, texts: list[str], top_k: int):
+        """Checked and tokenised texts: (model, token rows, logits -> predictions)."""
         model = self.model(name, version)
         if model.encoder is None:
             raise InvalidInput(f"model {name!r} is a {model.task} model and does not take texts")
@@ -211,19 +235,8 @@ class DataPlane:
         for index, ids in enumerate(token_ids):
             if not ids:
                 raise InvalidInput(f"texts[{index}]: no token left after normalisation")
-        scores = self._submit_scores(model, "text", [np.asarray(ids, np.int64) for ids in token_ids], deadline)
-        predictions: Future = Future()
-
-        def finish(done: Future) -> None:
-            if not predictions.set_running_or_notify_cancel():
-                return  # the caller stopped waiting (deadline, cancelled call)
-            try:
-                predictions.set_result(self._predictions(done.result(), labels, top_k))
-            except BaseException as error:  # the batch's error (deadline, queue, model) goes to the caller
-                predictions.set_exception(error)
-
-        scores.add_done_callback(finish)
-        return model, predictions
+        rows = [np.asarray(ids, np.int64) for ids in token_ids]
+        return model, rows, functools.partial(self._predictions, labels=labels, top_k=top_k)
 
     def classify_audio(
         self, name: str, version: str, clips: list[dict], top_k: int = 0, deadline: float | None = None
@@ -271,15 +284,21 @@ class DataPlane:
     ) -> tuple[ModelVersion, dict[str, np.ndarray]]:
         """A plain tensor model (no card): the graph's inputs in, its outputs out. Names,
         dtypes, ranks and fixed dimensions are checked against the graph."""
-        model, pending = self.submit_tensors(name, version, inputs, outputs, deadline)
+        model, pending = self._submit_tensors(name, version, inputs, outputs, deadline, on_loop=False)
         return model, pending.result()
 
     def submit_tensors(
         self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
         deadline: float | None = None,
-    ) -> tuple[ModelVersion, Future]:
-        """infer_tensors without waiting: checks the inputs here and returns a Future of the
-        outputs (so an event loop can await it without a thread blocking on the batch)."""
+    ) -> tuple[ModelVersion, asyncio.Future]:
+        """infer_tensors for a caller on the event loop: checks the inputs here and returns an
+        asyncio future of the outputs (resolved with the rest of its batch in one wake-up)."""
+        return self._submit_tensors(name, version, inputs, outputs, deadline, on_loop=True)
+
+    def _submit_tensors(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str] | None,
+        deadline: float | None, on_loop: bool,
+    ) -> tuple[ModelVersion, Future | asyncio.Future]:
         model = self.model(name, version)
         if model.card is not None:
             raise InvalidInput(f"model {name!r} is a {model.task} model: send its task inputs, not raw tensors")
@@ -313,33 +332,33 @@ class DataPlane:
         batcher = self.batcher(model)
         rows = {array.shape[0] for array in feeds.values() if array.ndim}
         if batcher is None or len(rows) != 1:  # no common batch axis: run alone, here
-            done: Future = Future()
+            done = asyncio.get_running_loop().create_future() if on_loop else Future()
             try:
-                done.set_result(self._run_tensor_jobs(model, [payload])[0])
+                done.set_result(self._run_tensor_jobs(model.session, [payload])[0])
             except InvalidInput as error:
                 done.set_exception(error)
             return model, done
         key = ("tensors", tuple(wanted), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
-        return model, batcher.submit(payload, rows.pop(), key=key, deadline=deadline)
+        return model, self._submit(model, payload, rows.pop(), key, deadline, on_loop=on_loop)
 
     @staticmethod
-    def _run_tensor(model: ModelVersion, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:
+    def _run_tensor(session: OnnxSession, feeds: dict[str, np.ndarray], wanted: tuple) -> dict[str, np.ndarray]:
         try:
-            return dict(zip(wanted, model.session.run(feeds, list(wanted)), strict=True))
+            return dict(zip(wanted, session.run(feeds, list(wanted)), strict=True))
         except Exception as error:  # ONNX Runtime rejects shapes it cannot run, e.g. mismatched batch axes
             raise InvalidInput(f"inputs: the model cannot run them: {str(error).splitlines()[0][:300]}") from None
 
-    def _run_tensor_jobs(self, model: ModelVersion, payloads: list) -> list[dict[str, np.ndarray]]:
+    def _run_tensor_jobs(self, session: OnnxSession, payloads: list) -> list[dict[str, np.ndarray]]:
         """Jobs of one key share a call, concatenated on axis 0, when every output has that
         batch axis; otherwise each job runs alone."""
         wanted = payloads[0][2]
         if len(payloads) == 1:
-            return [self._run_tensor(model, payloads[0][1], wanted)]
+            return [self._run_tensor(session, payloads[0][1], wanted)]
         sizes = [next(iter(feeds.values())).shape[0] for _, feeds, _ in payloads]
         joined = {name: np.concatenate([feeds[name] for _, feeds, _ in payloads]) for name in payloads[0][1]}
-        outputs = self._run_tensor(model, joined, wanted)
+        outputs = self._run_tensor(session, joined, wanted)
         if any(value.ndim == 0 or value.shape[0] != sum(sizes) for value in outputs.values()):
-            return [self._run_tensor(model, feeds, wanted) for _, feeds, _ in payloads]
+            return [self._run_tensor(session, feeds, wanted) for _, feeds, _ in payloads]
         splits = np.cumsum(sizes)[:-1]
         parts = {name: np.split(value, splits) for name, value in outputs.items()}
         return [{name: parts[name][index] for name in wanted} for index in range(len(payloads))]

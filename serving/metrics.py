@@ -1,9 +1,13 @@
 """Prometheus metrics, served over HTTP on their own port (`--metrics-port`).
 
-Each server owns its registry, so several servers can live in one process (tests do).
+Each server owns its registry, so several servers can live in one process (tests do). With
+`--workers N` every worker process writes its values to files in a shared folder
+(prometheus-client's multiprocess mode) and the parent serves their sum (`serve_aggregated_http`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -36,9 +40,18 @@ class Metrics:
             "rnnserve_batch_rows", "Rows per batched ONNX Runtime call", ["model"],
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
+        # Gauges are summed over live worker processes (or, for readiness, the most of them).
         self.active_streams = Gauge(
             "rnnserve_active_streams", "Streams and sequences holding state, by model", ["model"],
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livesum",
+        )
+        self.instances = Gauge(
+            "rnnserve_instances", "ONNX Runtime sessions (instances) per model (stream steps under <model>/step)",
+            ["model"], registry=self.registry, multiprocess_mode="livesum",
+        )
+        self.instances_busy = Gauge(
+            "rnnserve_instances_busy", "Instances running an ONNX Runtime call right now, per model", ["model"],
+            registry=self.registry, multiprocess_mode="livesum",
         )
         self.streams_closed = Counter(
             "rnnserve_streams_closed", "Streams and sequences whose state was freed, by model and reason "
@@ -46,7 +59,7 @@ class Metrics:
         )
         self.model_ready = Gauge(
             "rnnserve_model_ready", "1 when the model has a loaded version, 0 when it failed to load",
-            ["model"], registry=self.registry,
+            ["model"], registry=self.registry, multiprocess_mode="livemax",
         )
         # Names a client may put in a label: the repository's. Anything else counts as UNKNOWN_MODEL,
         # so made-up names cannot grow the number of series.
@@ -78,3 +91,21 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_aggregated_http(host: str, port: int, directory: Path):
+    """/metrics summed over the worker processes writing to `directory`; returns the HTTP server
+    (its `server_port` is the bound port)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))
+    http, _ = start_http_server(port, addr=host, registry=registry)
+    return http
+
+
+def forget_process(pid: int, directory: Path) -> None:
+    """A worker exited: its live gauges stop counting (its counters keep their totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, str(directory))

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +35,22 @@ class ModelVersion:
     name: str
     version: str
     path: Path
-    session: OnnxSession
+    # model.onnx, one session per instance (they run concurrently, each on its own thread).
+    sessions: list[OnnxSession]
     card: ModelCard | None = None
     encoder: TextEncoder | None = None
     frontend: LogMel | None = None
-    # step.onnx of a streaming model (card.streaming says what it takes and returns).
-    step_session: OnnxSession | None = None
+    # step.onnx of a streaming model (card.streaming says what it takes and returns), one per instance.
+    step_sessions: list[OnnxSession] = field(default_factory=list)
+
+    @property
+    def session(self) -> OnnxSession:
+        """The first instance: the graph's inputs, outputs and provider (every instance has the same)."""
+        return self.sessions[0]
+
+    @property
+    def step_session(self) -> OnnxSession | None:
+        return self.step_sessions[0] if self.step_sessions else None
 
     @property
     def task(self) -> str:
@@ -47,7 +58,7 @@ class ModelVersion:
 
     @property
     def streaming(self) -> bool:
-        return self.step_session is not None
+        return bool(self.step_sessions)
 
 
 @dataclass
@@ -102,10 +113,11 @@ def _read_file(folder: Path, name: str, required: bool = True) -> bytes | None:
     return path.read_bytes()
 
 
-def _session(folder: Path, name: str, runtime: RuntimeOptions) -> OnnxSession:
+def _sessions(folder: Path, name: str, runtime: RuntimeOptions) -> list[OnnxSession]:
+    """One session per instance, from bytes checked once."""
     label = str(folder / name)
     model_bytes = self_contained(_read_file(folder, name), folder, label)
-    return OnnxSession(model_bytes, runtime, label=label)
+    return [OnnxSession(model_bytes, runtime, label=label) for _ in range(runtime.instances)]
 
 
 def load_version(name: str, folder: Path, runtime: RuntimeOptions = CPU_DEFAULTS) -> ModelVersion:
@@ -126,13 +138,13 @@ def load_version(name: str, folder: Path, runtime: RuntimeOptions = CPU_DEFAULTS
                     f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
                 )
                 raise ModelLoadError(f"{folder / 'model.json'}: {problems}") from None
-    session = _session(folder, "model.onnx", runtime)
-    version = ModelVersion(name=name, version=folder.name, path=folder, session=session, card=card)
+    sessions = _sessions(folder, "model.onnx", runtime)
+    version = ModelVersion(name=name, version=folder.name, path=folder, sessions=sessions, card=card)
     if card is not None:
         _check_card_against_graph(version)
     if card is not None and card.streaming is not None:
         step_file = card.streaming.graph
-        version.step_session = _session(folder, step_file, runtime.for_steps())
+        version.step_sessions = _sessions(folder, step_file, runtime.for_steps())
         _check_step_graph(version)
     if card is not None and card.preprocessing.kind == "log_mel":
         version.frontend = LogMel(card.preprocessing.frontend())
@@ -180,12 +192,16 @@ def _check_step_graph(version: ModelVersion) -> None:
 
 
 def load_repository(
-    root: Path, runtime: RuntimeOptions = CPU_DEFAULTS, only: set[str] | None = None
+    root: Path, runtime: RuntimeOptions = CPU_DEFAULTS, only: set[str] | None = None,
+    per_model: Mapping[str, RuntimeOptions] | None = None,
 ) -> dict[str, ModelEntry]:
     """Load every model under root (or those named in `only`); failures are recorded per
-    version, never raised."""
+    version, never raised. `per_model` replaces `runtime` for the models it names."""
     if not root.is_dir():
         raise ModelLoadError(f"{root}: the model repository folder does not exist")
+    per_model = per_model or {}
+    for name in sorted(set(per_model) - {path.name for path in root.iterdir()}):
+        log.warning("settings for model %s: the repository has no such model", name)
     entries: dict[str, ModelEntry] = {}
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
@@ -205,7 +221,9 @@ def load_repository(
             if not version_dir.name.isdigit():
                 continue
             try:
-                entry.versions[version_dir.name] = load_version(model_dir.name, version_dir, runtime)
+                entry.versions[version_dir.name] = load_version(
+                    model_dir.name, version_dir, per_model.get(model_dir.name, runtime)
+                )
             except ModelLoadError as error:
                 entry.failures[version_dir.name] = str(error)
                 log.error("model %s version %s not loaded: %s", model_dir.name, version_dir.name, error)
@@ -213,9 +231,11 @@ def load_repository(
                 log.exception("model %s version %s not loaded", model_dir.name, version_dir.name)
                 entry.failures[version_dir.name] = f"{version_dir}: cannot load: {error.__class__.__name__}: {error}"
         if entry.ready:
+            chosen = per_model.get(entry.name, runtime)
             log.info(
-                "model %s: versions %s on %s", entry.name, ", ".join(entry.version_names()),
-                entry.versions[entry.version_names()[0]].session.provider,
+                "model %s: versions %s on %s, %d instance(s) x %s intra-op thread(s)", entry.name,
+                ", ".join(entry.version_names()), entry.versions[entry.version_names()[0]].session.provider,
+                chosen.instances, chosen.intra_op_threads or "default",
             )
     # Clients may read these reasons (UNAVAILABLE, ModelMetadata): paths relative to the
     # repository, so the server's file system layout stays in the server's log.

@@ -5,8 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Upper bounds of --instances and --workers: beyond them a typo, not a plan.
+MAX_INSTANCES = 64
+MAX_WORKERS = 64
+
+
+class ModelSettings(BaseModel):
+    """Per-model overrides of the server's execution settings (a `[model_settings.<name>]` table
+    of the config file); unset fields keep the server's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instances: int | None = Field(None, ge=1, le=MAX_INSTANCES, description="ONNX Runtime sessions of this model.")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session of this model.")
 
 
 class ServerSettings(BaseSettings):
@@ -21,7 +35,19 @@ class ServerSettings(BaseSettings):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Execution provider: auto takes CUDA when available, else CPU.",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session (0: runtime default).")
+    instances: int = Field(
+        0, ge=0, le=MAX_INSTANCES, description="ONNX Runtime sessions per model version, run concurrently (Triton's "
+        "instance group); 0: on CPU one per core of a worker with one thread each (at most 8), on a GPU one.",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per session; 0: on CPU the worker's cores divided among its "
+        "instances (1 with the default instances), on a GPU ONNX Runtime's default.",
+    )
+    workers: int = Field(
+        1, ge=1, le=MAX_WORKERS, description="Server processes sharing the port (SO_REUSEPORT), each with its own "
+        "event loop, batchers and instances; a connection stays with one worker, so they pay when many client "
+        "connections keep one process CPU-bound (about one core of Python work) below the cores there are.",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimization level for every session: disable, basic, extended or all."
     )
@@ -36,7 +62,16 @@ class ServerSettings(BaseSettings):
     )
     batch_max_rows: int = Field(64, gt=0, description="Dynamic batching: most rows in one ONNX Runtime call.")
     batch_max_delay_ms: float = Field(
-        2.0, ge=0, description="Dynamic batching: longest a request waits for others to join its batch."
+        2.0, ge=0, description="Dynamic batching: longest a request waits for others to join its batch (only while "
+        "no instance of its model is busy and fewer than batch_preferred_rows rows wait)."
+    )
+    batch_preferred_rows: int = Field(
+        0, ge=0, description="Dynamic batching: an idle instance runs at once when this many rows wait, or when "
+        "another instance is busy; with fewer it waits up to batch_max_delay_ms (0: batch_max_rows)."
+    )
+    model_settings: dict[str, ModelSettings] = Field(
+        default_factory=dict, description="Per-model instances and intra_op_threads (config file tables "
+        "[model_settings.NAME]; env RNNSERVE_MODEL_SETTINGS as JSON).",
     )
     auth_token: str | None = Field(
         None, description="Require 'authorization: Bearer <token>' on every RPC except health (none: open)."
@@ -95,8 +130,9 @@ class ServerSettings(BaseSettings):
             ("grpc.http2.min_ping_interval_without_data_ms", round(self.keepalive_min_ping_interval_s * 1000)),
             ("grpc.http2.max_ping_strikes", self.keepalive_max_ping_strikes),
             # gRPC shares ports by default on Linux: a second server on a busy port would
-            # silently split the traffic instead of failing.
-            ("grpc.so_reuseport", 0),
+            # silently split the traffic instead of failing. Workers share it on purpose (the
+            # parent checked that the port was free before starting them).
+            ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
         ]
 
     def stream_limits(self):
@@ -105,11 +141,27 @@ class ServerSettings(BaseSettings):
         return StreamLimits(self.max_streams, self.stream_idle_timeout_s, self.stream_batch_max_rows)
 
     def runtime_options(self):
-        """Providers (after probing the device) and session options for every model."""
-        from serving.runtime import RuntimeOptions, resolve_providers
+        """Providers (after probing the device), session options and instances for every model."""
+        from serving.runtime import resolve_providers
 
-        return RuntimeOptions(resolve_providers(self.device), self.intra_op_threads, self.graph_optimization,
-                              self.intra_op_spinning)
+        return self._runtime(resolve_providers(self.device), self.instances, self.intra_op_threads)
+
+    def model_runtime_options(self, runtime) -> dict:
+        """RuntimeOptions of the models with their own settings (on runtime's providers)."""
+        return {
+            name: self._runtime(runtime.providers, chosen.instances or self.instances,
+                                chosen.intra_op_threads or self.intra_op_threads)
+            for name, chosen in self.model_settings.items()
+        }
+
+    def _runtime(self, providers: tuple, instances: int, intra_op_threads: int):
+        from serving.runtime import RuntimeOptions, available_cores, instance_defaults
+
+        runtime = RuntimeOptions(providers, intra_op_threads, self.graph_optimization, self.intra_op_spinning)
+        # Each worker process gets its share of the cores.
+        cores = max(1, available_cores() // self.workers)
+        instances, intra_op_threads = instance_defaults(cores, runtime.on_gpu, instances, intra_op_threads)
+        return RuntimeOptions(providers, intra_op_threads, self.graph_optimization, self.intra_op_spinning, instances)
 
     def bearer_token(self) -> str | None:
         """The token clients must send, from auth_token or auth_token_file; None when open."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -92,8 +93,10 @@ class StepResult:
     state: dict[str, np.ndarray]
 
 
-def run_steps(model: ModelVersion, payloads: list[list[StepRow]]) -> list[list[StepResult]]:
-    """One step.onnx call for the rows of many streams; each payload gets its own results."""
+def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) -> list[list[StepResult]]:
+    """One step.onnx call, on one instance's session (default the first), for the rows of many
+    streams; each payload gets its own results."""
+    session = session or model.step_session
     spec = model.card.streaming
     rows = [row for payload in payloads for row in payload]
     input_name = spec.inputs[0].name
@@ -107,7 +110,7 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]]) -> list[list[S
     for state in spec.state:
         feeds[state.name] = np.stack([row.state[state.name] for row in rows])
     names = ["logits", "frame_logits", *(state.output for state in spec.state)]
-    outputs = dict(zip(names, model.step_session.run(feeds, names), strict=True))
+    outputs = dict(zip(names, session.run(feeds, names), strict=True))
     results, index = [], 0
     for payload in payloads:
         mine = []
@@ -440,11 +443,14 @@ class StreamManager:
         with self._lock:
             if key not in self._runners:
                 label = f"{model.name}/step"
+                self.metrics.instances.labels(label).set(len(model.step_sessions))
                 self._runners[key] = Batcher(
-                    f"{model.name}/{model.version}/step", lambda payloads: run_steps(model, payloads),
+                    f"{model.name}/{model.version}/step",
+                    [functools.partial(run_steps, model, session=session) for session in model.step_sessions],
                     max_batch_rows=self.limits.step_max_rows, max_delay_s=0.0,
                     max_queue_rows=max(self.limits.max_streams * 2, self.limits.step_max_rows),
                     observe=lambda waits, seconds, rows: self._observe(label, waits, seconds, rows),
+                    track_busy=self.metrics.instances_busy.labels(label).inc,
                 )
             return self._runners[key]
 
@@ -466,8 +472,8 @@ class StreamManager:
         stream.chunks += 1
         results: list[StepResult] = []
         if rows:
-            future = self._runner(stream.model).submit(rows, len(rows))
-            results = await asyncio.wrap_future(future)
+            # Steps of every stream awaiting this batch wake the loop once, together.
+            results = await self._runner(stream.model).submit_async(rows, len(rows))
         stream.last_active = time.monotonic()
         return stream.apply(rows, results, last)
 

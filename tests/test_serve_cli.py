@@ -26,6 +26,21 @@ def test_config_file_values_give_way_to_environment_variables(tmp_path, monkeypa
     assert _config_file(config) == {"port": 0, "models": "elsewhere"}
 
 
+def test_a_config_file_gives_models_their_own_instances(tmp_path):
+    from serving.settings import ServerSettings
+
+    config = tmp_path / "rnnserve.toml"
+    config.write_text('instances = 2\n[model_settings.topic]\ninstances = 1\nintra_op_threads = 2\n')
+    settings = ServerSettings(**_config_file(config))
+    runtime = settings.runtime_options()
+    topic = settings.model_runtime_options(runtime)["topic"]
+    assert runtime.instances == 2 and (topic.instances, topic.intra_op_threads) == (1, 2)
+    config.write_text("[model_settings.topic]\ninstances = 0\n")
+    result = subprocess.run([*RNNSERVE, "serve", "--config", str(config)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--model-settings (RNNSERVE_MODEL_SETTINGS) topic.instances: 0" in result.stderr
+
+
 @pytest.mark.parametrize(("value", "expected"), [("false", False), ("no", False), ("0", False), ("true", True),
                                                  ("on", True)])
 def test_boolean_flags_read_false_as_false(value, expected):

@@ -223,14 +223,14 @@ class InferenceServicer:
                 raise InvalidInput(f"inputs: model {model.name!r} takes one input named 'text', got {sorted(arrays)}")
             model, pending = self.dataplane.submit_texts(model.name, model.version, _texts(arrays["text"]),
                                                          deadline=deadline)
-            predictions = await asyncio.wrap_future(pending)
+            predictions = await pending
             return _response(model, request, _task_tensors(model, predictions, requested))
         if model.card is not None:
             return None
         model, pending = self.dataplane.submit_tensors(
             model.name, model.version, decode_inputs(request), requested or None, deadline
         )
-        results = await asyncio.wrap_future(pending)
+        results = await pending
         named = [(name, FROM_NUMPY_NAME.get(str(value.dtype), "BYTES"), value) for name, value in results.items()]
         return _response(model, request, named)
 

@@ -74,9 +74,11 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
     if dataplane is None:
+        runtime = settings.runtime_options()
         dataplane = DataPlane(
-            load_repository(settings.models, settings.runtime_options()),
-            BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows),
+            load_repository(settings.models, runtime, per_model=settings.model_runtime_options(runtime)),
+            BatchingConfig(settings.batch_max_rows, settings.batch_max_delay_ms / 1000, settings.queue_max_rows,
+                           settings.batch_preferred_rows),
             settings.stream_limits(),
         )
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
@@ -118,22 +120,27 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     return RunningServer(server, port, health_servicer, dataplane, executor, metrics_port)
 
 
-async def _serve_until_signal(settings: ServerSettings) -> None:
+async def _serve_until_signal(settings: ServerSettings, on_ready=None) -> None:
     running = await create_server(settings)
     ready = [e.name for e in running.dataplane.list_models() if e.ready]
-    log.info("serving %s on %s:%d", ", ".join(ready) or "no ready model", settings.host, running.port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if on_ready is None:
+        log.info("serving %s on %s:%d", ", ".join(ready) or "no ready model", settings.host, running.port)
+    else:
+        on_ready(ready, running.port)
     await stopping.wait()
     log.info("shutting down: finishing in-flight work (grace %.1f s)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
 
 
-def serve(settings: ServerSettings) -> int:
-    """Run until SIGTERM/SIGINT; health turns NOT_SERVING, in-flight calls finish, exit 0."""
-    asyncio.run(_serve_until_signal(settings))
+def serve(settings: ServerSettings, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT; health turns NOT_SERVING, in-flight calls finish, exit 0.
+    `on_ready(ready_model_names, port)` replaces the "serving ..." log line (workers report to
+    their parent with it)."""
+    asyncio.run(_serve_until_signal(settings, on_ready))
     return 0
 
 

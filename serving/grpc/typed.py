@@ -87,7 +87,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
             async def on_loop():
                 _, pending = self.dataplane.submit_texts(request.model, request.version, texts, request.top_k,
                                                          deadline)
-                return await asyncio.wrap_future(pending)
+                return await pending
 
             predictions = await run_async_call(context, on_loop(), self.dataplane.metrics, "Classify", request.model)
             return self._classify_response(request.model, request.version, predictions)

@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from serving.batching import Batcher
 from serving.dataplane import BatchingConfig, DataPlane
@@ -28,7 +30,7 @@ def _texts(rng: np.random.Generator, count: int) -> list[str]:
 
 
 def test_concurrent_requests_share_calls_and_equal_unbatched_results():
-    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=20, batch_max_rows=64)
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=20, batch_max_rows=64, instances=1)
     rng = np.random.default_rng(0)
     requests = [_texts(rng, int(rng.integers(1, 6))) for _ in range(40)]
     alone = DataPlane(load_repository(ROOT / "models"), batching=None)
@@ -86,10 +88,12 @@ def test_jobs_with_different_keys_never_share_a_call_and_errors_reach_every_wait
         batcher.close()
 
 
-def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun():
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun(instances):
     import time
 
-    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=500, batch_max_rows=64)
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=500, batch_max_rows=64,
+                              instances=instances)
     with BackgroundServer(settings) as server:
         with RnnServeClient(server.target, timeout_s=0.1) as hasty, pytest.raises(grpc.RpcError) as error:
             hasty.classify("sentiment", ["will anyone wait for me"])
@@ -104,3 +108,117 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun():
         with RnnServeClient(server.target, timeout_s=10) as patient:
             assert patient.classify("sentiment", ["I can wait"])[0].label
         assert batcher.stats.jobs == 1
+
+
+def test_two_instances_compute_at_the_same_time():
+    """Each instance is a thread of its own: both runners must be inside a call at once to pass
+    the barrier (one instance at a time would time it out)."""
+    meeting = threading.Barrier(2, timeout=30)
+
+    def runner(payloads):
+        meeting.wait()
+        return payloads
+
+    batcher = Batcher("test", [runner, runner], max_batch_rows=1, max_delay_s=0.0)
+    try:
+        futures = [batcher.submit(index, 1) for index in range(2)]
+        assert sorted(f.result(60) for f in futures) == [0, 1]
+        assert batcher.stats.max_concurrent == 2 and batcher.stats.calls == 2
+    finally:
+        batcher.close()
+
+
+def test_an_idle_instance_takes_queued_work_at_once_while_another_is_busy():
+    """A 60 s max delay never holds a job while another instance computes: pipelining."""
+    release = threading.Event()
+
+    def runner(payloads):
+        if "slow" in payloads:
+            assert release.wait(60)
+        return payloads
+
+    batcher = Batcher("test", [runner, runner], max_batch_rows=8, max_delay_s=60.0, preferred_rows=1)
+    try:
+        slow = batcher.submit("slow", 1)
+        while batcher.scheduler.busy == 0:  # the first instance took it
+            threading.Event().wait(0.01)
+        quick = batcher.submit("quick", 1)
+        assert quick.result(30) == "quick" and not slow.done()
+        release.set()
+        assert slow.result(30) == "slow"
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_an_idle_instance_holds_fewer_rows_than_preferred_while_nothing_runs():
+    """With every instance idle, jobs wait (up to the 60 s delay here) until the preferred
+    rows are there, and then run as one call."""
+    batcher = Batcher("test", [lambda payloads: payloads] * 2, max_batch_rows=8, max_delay_s=60.0, preferred_rows=3)
+    try:
+        futures = [batcher.submit(index, 1) for index in range(3)]
+        assert [f.result(30) for f in futures] == [0, 1, 2]
+        assert batcher.stats.calls == 1 and batcher.stats.rows == 3
+    finally:
+        batcher.close()
+
+
+def test_many_instances_under_64_clients_equal_unbatched_results_and_overlap():
+    """64 concurrent clients on the typed API and KServe v2, two instances of real ONNX Runtime
+    sessions: every answer equals the unbatched one, and the instances computed at once."""
+    import tritonclient.grpc as triton
+
+    settings = ServerSettings(models=ROOT / "models", port=0, instances=2, intra_op_threads=1,
+                              batch_max_delay_ms=2, batch_max_rows=16)
+    rng = np.random.default_rng(1)
+    requests = [_texts(rng, int(rng.integers(1, 5))) for _ in range(64)]
+    alone = DataPlane(load_repository(ROOT / "models", only={"sentiment"}), batching=None)
+    expected = [np.stack([p.probabilities for p in alone.classify_texts("sentiment", "", texts)[1]])
+                for texts in requests]
+    with BackgroundServer(settings) as server, RnnServeClient(server.target) as client:
+        kserve = triton.InferenceServerClient(server.target)
+        start = threading.Barrier(len(requests))
+
+        def send(index):
+            texts = requests[index]
+            start.wait()
+            if index % 2:
+                return np.array([r.probabilities for r in client.classify("sentiment", texts)])
+            tensor = triton.InferInput("text", [len(texts)], "BYTES")
+            tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+            return kserve.infer("sentiment", [tensor]).as_numpy("probabilities")
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            served = list(pool.map(send, range(len(requests))))
+        # Stream steps run on the same number of instances (of step.onnx).
+        tensor = triton.InferInput("text", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"a fine day "], dtype=object))
+        kserve.infer("sentiment", [tensor], sequence_id=1, sequence_start=True, sequence_end=True)
+        kserve.close()
+        plane = server.running.dataplane
+        assert plane.metrics.registry.get_sample_value("rnnserve_instances", {"model": "sentiment/step"}) == 2
+        batcher = plane.batcher(plane.model("sentiment"))
+        stats = batcher.stats
+        assert batcher.instances == 2
+    for got, want in zip(served, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert stats.jobs == len(requests) and stats.max_concurrent == 2, stats
+
+
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(1, 5)), min_size=1, max_size=40), st.integers(1, 8))
+def test_the_queue_hands_out_every_job_once_oldest_first_one_key_per_batch(jobs, max_rows):
+    from serving.batching import Job, JobQueue
+
+    queue = JobQueue("test", max_queue_rows=10_000)
+    queued = [Job(index, rows, key) for index, (key, rows) in enumerate(jobs)]
+    for job in queued:
+        queue.put(job)
+    handed = []
+    while len(queue):
+        oldest = queue.oldest
+        batch = queue.take(max_rows)
+        assert batch[0] is oldest and len({job.key for job in batch}) == 1
+        assert len(batch) == 1 or sum(job.rows for job in batch) <= max_rows
+        assert [job.payload for job in batch] == sorted(job.payload for job in batch)
+        handed += batch
+    assert sorted(job.payload for job in handed) == list(range(len(jobs))) and queue.rows == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
+from pydantic import ValidationError
 
 from serving.dataplane import DataPlane
 from serving.errors import ModelLoadError
@@ -66,11 +67,54 @@ def test_stream_step_graphs_get_one_thread_unless_set():
     from serving.repository import load_version
 
     folder = ROOT / "models" / "sentiment" / "1"
-    default = load_version("sentiment", folder, ServerSettings(device="cpu").runtime_options())
+    default = load_version("sentiment", folder, ServerSettings(device="cpu", instances=2).runtime_options())
     assert default.step_session._session.get_session_options().intra_op_num_threads == 1
-    assert default.session._session.get_session_options().intra_op_num_threads == 0
+    assert len(default.sessions) == len(default.step_sessions) == 2
     chosen = load_version("sentiment", folder, ServerSettings(device="cpu", intra_op_threads=2).runtime_options())
     assert chosen.step_session._session.get_session_options().intra_op_num_threads == 2
+    assert chosen.session._session.get_session_options().intra_op_num_threads == 2
+
+
+def test_instances_and_threads_default_from_the_cores():
+    from serving.runtime import instance_defaults
+
+    # CPU: one instance per core, one thread each, at most 8 instances.
+    assert instance_defaults(2, on_gpu=False) == (2, 1)
+    assert instance_defaults(1, on_gpu=False) == (1, 1)
+    assert instance_defaults(16, on_gpu=False) == (8, 2)
+    # One of the two given: the other fills the cores.
+    assert instance_defaults(4, on_gpu=False, intra_op_threads=2) == (2, 2)
+    assert instance_defaults(4, on_gpu=False, instances=1) == (1, 4)
+    assert instance_defaults(2, on_gpu=False, instances=3, intra_op_threads=1) == (3, 1)
+    # GPU: one instance, ONNX Runtime's own threads.
+    assert instance_defaults(16, on_gpu=True) == (1, 0)
+    # Workers share the cores.
+    from serving.runtime import available_cores
+
+    half = ServerSettings(device="cpu", workers=2).runtime_options()
+    assert (half.instances, half.intra_op_threads) == instance_defaults(max(1, available_cores() // 2), False)
+
+
+def test_a_model_can_have_its_own_instances_and_threads(caplog):
+    settings = ServerSettings(device="cpu", instances=1, model_settings={"sentiment": {"instances": 3},
+                                                                          "absent": {"intra_op_threads": 2}})
+    runtime = settings.runtime_options()
+    entries = load_repository(ROOT / "models", runtime, only={"sentiment", "topic"},
+                              per_model=settings.model_runtime_options(runtime))
+    assert len(entries["sentiment"].versions["1"].sessions) == 3
+    assert len(entries["topic"].versions["1"].sessions) == 1
+    assert "settings for model absent: the repository has no such model" in caplog.text
+
+
+@pytest.mark.parametrize(("field", "value", "limit"), [
+    ("instances", -1, "greater than or equal to 0"), ("instances", 65, "less than or equal to 64"),
+    ("workers", 0, "greater than or equal to 1"), ("workers", 65, "less than or equal to 64"),
+])
+def test_instances_and_workers_out_of_range_are_refused(field, value, limit):
+    with pytest.raises(ValidationError, match=limit):
+        ServerSettings(**{field: value})
+    with pytest.raises(ValidationError, match="extra"):
+        ServerSettings(model_settings={"sentiment": {"instance": 2}})
 
 
 def test_every_optimization_level_gives_the_same_predictions():
