@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -30,6 +31,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from serving.errors import DeadlineExceeded, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,11 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     # time.monotonic() after which nobody waits for the result any more (None: no deadline).
     deadline: float | None = None
+
+    @property
+    def done(self) -> bool:
+        """Its caller already has an answer (read across threads: a flag)."""
+        return self.waiter.done() if self.waiter is not None else self.future.done()
 
     @property
     def abandoned(self) -> bool:
@@ -231,8 +239,9 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.stats = BatchStats()
         self.queue = JobQueue(name, max_queue_rows)
-        self.scheduler = Scheduler(self.queue, max_batch_rows, max_delay_s, preferred_rows or max_batch_rows,
-                                   self.stats)
+        # A preferred size above the largest batch could never be reached: it would always hold.
+        preferred = min(preferred_rows or max_batch_rows, max_batch_rows)
+        self.scheduler = Scheduler(self.queue, max_batch_rows, max_delay_s, preferred, self.stats)
         # Called after every batched call with (each job's queue wait, compute seconds, rows).
         self.observe = observe
         # Called with +1 when an instance starts a call and -1 when it ends it (a busy gauge).
@@ -274,10 +283,13 @@ class Batcher:
 
     def _instance(self, runner: Callable[[list[object]], list[object]]) -> None:
         while (jobs := self.scheduler.next_batch()) is not None:
-            live = self._live(jobs)
             try:
+                live = self._live(jobs)
                 if live:
                     self._execute(runner, live)
+            except Exception as error:  # keep this instance serving; whoever still waits hears why
+                log.exception("model %r: an instance failed outside the model call", self.name)
+                deliver([(job, None, error) for job in jobs if not job.done])
             finally:
                 self.scheduler.finished()
 
@@ -316,9 +328,12 @@ class Batcher:
             if self.track_busy is not None:
                 self.track_busy(-1)
         rows = sum(job.rows for job in live)
-        self.scheduler.count(len(live), rows)
-        if self.observe is not None:
-            self.observe([started - job.submitted for job in live], time.perf_counter() - started, rows)
+        try:
+            self.scheduler.count(len(live), rows)
+            if self.observe is not None:
+                self.observe([started - job.submitted for job in live], time.perf_counter() - started, rows)
+        except Exception:  # bookkeeping (e.g. a metrics file) must never cost the waiting requests
+            log.exception("model %r: recording a batch's metrics failed", self.name)
         outcomes = []
         for job, result in zip(live, results, strict=True):
             if job.then is None:

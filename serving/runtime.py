@@ -78,6 +78,8 @@ class RuntimeOptions:
     intra_op_spinning: bool = False
     # ONNX Runtime sessions per graph, each run by its own thread (Triton's instance group).
     instances: int = 1
+    # Intra-op threads of stream step graphs; 0: intra_op_threads, or one when that is 0.
+    step_intra_op_threads: int = 0
 
     @property
     def on_gpu(self) -> bool:
@@ -95,7 +97,7 @@ class RuntimeOptions:
     def for_steps(self) -> RuntimeOptions:
         """Stream step graphs: a few frames of a few streams per call, too little work to split
         over threads, so one intra-op thread unless one was set explicitly."""
-        return self if self.intra_op_threads else replace(self, intra_op_threads=1)
+        return replace(self, intra_op_threads=self.step_intra_op_threads or self.intra_op_threads or 1)
 
 
 CPU_DEFAULTS = RuntimeOptions()

@@ -160,8 +160,11 @@ class ServerSettings(BaseSettings):
         runtime = RuntimeOptions(providers, intra_op_threads, self.graph_optimization, self.intra_op_spinning)
         # Each worker process gets its share of the cores.
         cores = max(1, available_cores() // self.workers)
+        # Step graphs keep one thread unless threads were chosen (the defaults fill the cores).
+        step_threads = intra_op_threads or 1
         instances, intra_op_threads = instance_defaults(cores, runtime.on_gpu, instances, intra_op_threads)
-        return RuntimeOptions(providers, intra_op_threads, self.graph_optimization, self.intra_op_spinning, instances)
+        return RuntimeOptions(providers, intra_op_threads, self.graph_optimization, self.intra_op_spinning, instances,
+                              step_threads)
 
     def bearer_token(self) -> str | None:
         """The token clients must send, from auth_token or auth_token_file; None when open."""

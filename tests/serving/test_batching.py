@@ -4,6 +4,7 @@ would get alone; the queue is bounded."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,11 +138,14 @@ def test_an_idle_instance_takes_queued_work_at_once_while_another_is_busy():
             assert release.wait(60)
         return payloads
 
-    batcher = Batcher("test", [runner, runner], max_batch_rows=8, max_delay_s=60.0, preferred_rows=1)
+    batcher = Batcher("test", [runner, runner], max_batch_rows=8, max_delay_s=60.0, preferred_rows=8)
     try:
-        slow = batcher.submit("slow", 1)
+        slow = batcher.submit("slow", 8)  # a preferred-size batch: taken at once
+        deadline = time.monotonic() + 30
         while batcher.scheduler.busy == 0:  # the first instance took it
+            assert time.monotonic() < deadline, "the first instance never took the full batch"
             threading.Event().wait(0.01)
+        # One row, far below the preferred 8: only the other instance being busy lets it go now.
         quick = batcher.submit("quick", 1)
         assert quick.result(30) == "quick" and not slow.done()
         release.set()

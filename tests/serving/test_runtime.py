@@ -70,6 +70,9 @@ def test_stream_step_graphs_get_one_thread_unless_set():
     default = load_version("sentiment", folder, ServerSettings(device="cpu", instances=2).runtime_options())
     assert default.step_session._session.get_session_options().intra_op_num_threads == 1
     assert len(default.sessions) == len(default.step_sessions) == 2
+    # One instance gets every core as threads for the batch graph; its step graph still one.
+    single = load_version("sentiment", folder, ServerSettings(device="cpu", instances=1).runtime_options())
+    assert single.step_session._session.get_session_options().intra_op_num_threads == 1
     chosen = load_version("sentiment", folder, ServerSettings(device="cpu", intra_op_threads=2).runtime_options())
     assert chosen.step_session._session.get_session_options().intra_op_num_threads == 2
     assert chosen.session._session.get_session_options().intra_op_num_threads == 2
