@@ -44,9 +44,9 @@ class ContinuousSpeechTraining:
     recording_seconds: float = 24.0
     chunk_frames: int = 200  # truncated backpropagation: 4 s at a 20 ms hop
     reset_probability: float = 0.1  # a lane starts from a fresh state (a new stream) this often
-    clip_batch: int = 48  # joined-clip sequences per step (the clip objective)
+    clip_batch: int = 24  # joined-clip sequences per optimizer step (the clip objective)
     clips_per_sequence: int = 3
-    clip_weight: float = 0.5
+    clip_weight: float = 1.0
     keyword_weight: float = 4.0  # cross-entropy weight of keyword frames (they are rare)
     learning_rate: float = 3e-3
     final_learning_rate_fraction: float = 0.05
@@ -162,7 +162,8 @@ class StreamTrainer:
     def train(self) -> list[dict]:
         settings, model = self.settings, self.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
-        total = settings.rounds * settings.batches_per_round
+        chunks = -(-int(settings.recording_seconds * 1000 / self.hop_ms) // settings.chunk_frames)
+        total = settings.rounds * settings.batches_per_round * chunks
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(
             settings.final_learning_rate_fraction, 0.5 * (1 + np.cos(np.pi * min(step, total) / total))))
         history, best = [], None
@@ -178,26 +179,26 @@ class StreamTrainer:
                 features, targets = self._stream_batch()
                 resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
                 state = _reset_lanes(state, resets)
-                clip_features, clip_targets = self._clip_batch()
-                optimizer.zero_grad(set_to_none=True)
-                stream_loss = 0.0
-                chunks = range(0, features.shape[1], settings.chunk_frames)
-                for start in chunks:
+                # Truncated backpropagation through time: one optimizer step per chunk, the state
+                # carried into the next chunk without its gradient. Each step also takes a batch
+                # of joined clips with the clip objective.
+                for start in range(0, features.shape[1], settings.chunk_frames):
                     piece = features[:, start : start + settings.chunk_frames]
                     logits, state = frame_logits(model, piece, state)
                     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-                    loss = nn.functional.cross_entropy(
+                    stream_loss = nn.functional.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]),
                         targets[:, start : start + settings.chunk_frames].reshape(-1), weight=self.weights)
-                    (loss * piece.shape[1] / features.shape[1]).backward()
-                    stream_loss += loss.item() * piece.shape[1] / features.shape[1]
-                pooled = clip_logits(frame_logits(model, clip_features, None)[0], self.clip_ranges, "frame_max")
-                clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]), clip_targets.reshape(-1))
-                (settings.clip_weight * clip_loss).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                losses.append((stream_loss, clip_loss.item()))
+                    clip_features, clip_targets = self._clip_batch()
+                    pooled = clip_logits(frame_logits(model, clip_features, None)[0], self.clip_ranges, "frame_max")
+                    clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),
+                                                            clip_targets.reshape(-1))
+                    optimizer.zero_grad(set_to_none=True)
+                    (stream_loss + settings.clip_weight * clip_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append((stream_loss.item(), clip_loss.item()))
                 recent = np.mean(losses[-20:], axis=0)
                 bar.set_postfix(stream=f"{recent[0]:.3f}", clips=f"{recent[1]:.3f}")
             mined = self.mine() if round_number < settings.rounds else 0
