@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ContinuousSpeechTraining:
+    # Start from the clip recipe's weights (training/keywords.py), then fine-tune on streams.
+    pretrain_on_clips: bool = True
     rounds: int = 3
-    batches_per_round: int = 80
+    batches_per_round: int = 50
     lanes: int = 24  # recordings per batch, each on its own carried state
     recording_seconds: float = 24.0
     chunk_frames: int = 200  # truncated backpropagation: 4 s at a 20 ms hop
@@ -48,7 +50,7 @@ class ContinuousSpeechTraining:
     clips_per_sequence: int = 3
     clip_weight: float = 1.0
     keyword_weight: float = 4.0  # cross-entropy weight of keyword frames (they are rare)
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3  # fine-tuning the clip-trained weights
     final_learning_rate_fraction: float = 0.05
     mining_threshold: float = 0.4
     mining_seconds_before: float = 2.0  # audio kept before a false alarm as a hard negative
