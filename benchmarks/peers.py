@@ -85,8 +85,8 @@ def model_alone(model: Path, seconds: float = 3.0) -> dict:
 
 
 def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
-    # MLServer with parallel_workers 0: its worker pool fails to start on this Python ("no current
-    # event loop" in the worker); inference then runs in the server process.
+    # MLServer with parallel_workers 0 (inference in the server process), as in every earlier run
+    # of this view; servers.py measures it with parallel workers too.
     return start_server(name, model, port, work, rnnserve_flags=RNNSERVE_FLAGS)
 
 
