@@ -59,9 +59,10 @@ def ids_body(model: str, ids: np.ndarray) -> bytes:
 
 
 def text_body(model: str, text: str) -> bytes:
-    """The framed ModelInfer body of a text model's `text` BYTES [1] (4-byte little-endian length, UTF-8)."""
-    data = text.encode()
-    return grpc_frame(infer_request(model, "text", "BYTES", [1], struct.pack("<I", len(data)) + data))
+    """The framed ModelInfer body of a text model's `text` BYTES [1] (UTF-8 in KServe's raw BYTES form)."""
+    from serving.tensors import encode_bytes
+
+    return grpc_frame(infer_request(model, "text", "BYTES", [1], encode_bytes([text.encode()])))
 
 
 def logits_response(model: str, logits: np.ndarray) -> bytes:
@@ -78,9 +79,9 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("h2load", "curl") if shutil.which(tool) is None]
 
 
-def probe(target: str, body: Path, timeout_s: float = 30) -> int:
-    """POST the body once with curl (HTTP/2 without TLS) and return the response message's size
-    in bytes; raises ProbeFailed unless the trailers say grpc-status 0."""
+def probe(target: str, body: Path, timeout_s: float = 30) -> bytes:
+    """POST the body once with curl (HTTP/2 without TLS) and return the response message (the
+    serialised ModelInferResponse); raises ProbeFailed unless the trailers say grpc-status 0."""
     with tempfile.NamedTemporaryFile(suffix=".bin") as out:
         done = subprocess.run(
             ["curl", "-sS", "-v", "--http2-prior-knowledge", "--max-time", str(timeout_s), "--data-binary",
@@ -93,7 +94,7 @@ def probe(target: str, body: Path, timeout_s: float = 30) -> int:
         raise ProbeFailed(f"{target}{PATH}: grpc-status {status.group(1) if status else 'missing'}"
                           f"{': ' + message.group(1).strip() if message else ''} (curl exit {done.returncode}; "
                           f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no output'})")
-    return len(grpc_unframe(data))
+    return grpc_unframe(data)
 
 
 def run(target: str, body: Path, response_bytes: int, in_flight: int, connections: int, warmup_s: float,
@@ -111,7 +112,9 @@ def run(target: str, body: Path, response_bytes: int, in_flight: int, connection
     with tempfile.TemporaryDirectory() as folder:
         log = Path(folder) / "requests.tsv"
         command = ["h2load", "-c", str(connections), "-m", str(in_flight // connections), "-t", "1",
-                   "--warm-up-time", f"{warmup_s:g}", "-D", f"{seconds:g}", "--log-file", str(log), "-d", str(body),
+                   # h2load takes whole numbers with a unit: milliseconds
+                   "--warm-up-time", f"{round(warmup_s * 1000)}ms", "-D", f"{round(seconds * 1000)}ms",
+                   "--log-file", str(log), "-d", str(body),
                    *(part for header in HEADERS for part in ("-H", header)), f"http://{target}{PATH}"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
@@ -124,9 +127,9 @@ def run(target: str, body: Path, response_bytes: int, in_flight: int, connection
             on_window_end()
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if load.returncode != 0:
+            raise RuntimeError(f"h2load exited with {load.returncode}: {output[-1500:]}")
         rows = np.loadtxt(log, dtype=np.int64, ndmin=2) if log.stat().st_size else np.zeros((0, 3), np.int64)
-    if load.returncode != 0:
-        raise RuntimeError(f"h2load exited with {load.returncode}: {output[-1500:]}")
     counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                        r"(\d+) errored, (\d+) timeout", output)
     traffic = re.search(r"traffic: .*?, .*? headers .*?, [^(]*\((\d+)\) data", output)

@@ -118,7 +118,7 @@ def measure(config: Config, model: Path, body: Path, work: Path, args: argparse.
                            config.parallel_workers)
     try:
         wait_ready(target, process, work / f"{config.server}.log", None if config.server == "floor" else ready_model)
-        response_bytes = h2load.probe(target, body)
+        response_bytes = len(h2load.probe(target, body))
         marks: list[tuple[float, float]] = []
 
         def mark() -> None:
