@@ -4,7 +4,7 @@ grpc.aio server that does no work, all under the same h2load load, in one run, a
 model's in-process ceiling measured in the same run.
 
     bash benchmarks/setup_peers.sh                           # once: the peers' venvs and h2load
-    python benchmarks/servers.py                             # everything, 3 repeats x 12 s windows
+    python benchmarks/servers.py                             # everything, 3 repeats x 12 s windows (~15 min)
     python benchmarks/servers.py --quick --servers rnnserve,floor   # a smoke run of a few seconds each
     python benchmarks/servers.py --fronts grpcio,native      # rnnserve's fronts (default: what serve offers)
 
@@ -63,19 +63,21 @@ class Config:
 
 
 def offered_fronts() -> list[str] | None:
-    """The gRPC fronts `rnnserve serve --help` offers (auto, a choice among them, left out), or
-    None when serve has no --grpc-front."""
-    help_text = subprocess.run([sys.executable, "-m", "serving", "serve", "--help"], cwd=ROOT, capture_output=True,
-                               text=True).stdout
-    block = re.search(r"--grpc-front\b(.*?)(?=\n  -|\Z)", help_text, re.DOTALL)
-    if block is None:
+    """The gRPC fronts this rnnserve offers, auto (a choice among them) left out; None when
+    `rnnserve serve --help` has no --grpc-front. The values come from serve's own refusal of
+    one it does not know (it checks settings before loading anything)."""
+    serve = [sys.executable, "-m", "serving", "serve"]
+    help_text = subprocess.run([*serve, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not re.search(r"^\s+--grpc-front\b", help_text, re.MULTILINE):
         return None
-    listed = re.search(r"\{([\w,-]+)\}|\b(\w+(?:\|\w+)+)\b", block.group(1))
-    names = re.split(r"[,|]", next(g for g in listed.groups() if g)) if listed else ["grpcio", "native"]
-    return [name for name in names if name != "auto"]
+    refusal = subprocess.run([*serve, "--grpc-front", "?", "--port", "0"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60).stderr
+    listed = refusal.split("should be", 1)[1] if "should be" in refusal else ""
+    return [name for name in re.findall(r"'([\w-]+)'", listed) if name != "auto"] or ["grpcio", "native"]
 
 
-def rnnserve_configs(cores: int, fronts: list[str] | None) -> list[Config]:
+def rnnserve_configs(cores: int, fronts: list[str] | None, extra: tuple[str, ...] = ()) -> list[Config]:
+    """rnnserve's settings to try, for every front, each with `extra` flags appended."""
     delay = ("--batch-max-delay-ms", "5")
     settings = {
         "defaults": (),
@@ -91,7 +93,7 @@ def rnnserve_configs(cores: int, fronts: list[str] | None) -> list[Config]:
     for front in fronts or [None]:
         group = f"rnnserve, {front} front" if front else "rnnserve"
         front_flags = ("--grpc-front", front) if front else ()
-        configs += [Config("rnnserve", group, f"{group}: {label}", (*flags, *front_flags))
+        configs += [Config("rnnserve", group, f"{group}: {label}", (*flags, *front_flags, *extra))
                     for label, flags in settings.items()]
     return configs
 
@@ -206,6 +208,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections (default 8)")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
     parser.add_argument("--fronts", help="rnnserve's --grpc-front values to compare (default: all serve offers)")
+    parser.add_argument("--rnnserve-flags", default="", help="flags added to every rnnserve configuration, e.g. "
+                        "'--keepalive-max-ping-strikes 0' (shown in the report)")
     parser.add_argument("--ceiling-seconds", type=float, help="per ceiling configuration (default 3)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "servers.json")
     args = parser.parse_args()
@@ -247,7 +251,8 @@ def main() -> int:
 
     logits = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     (work / "floor_response.bin").write_bytes(h2load.logits_response("lstm", logits))
-    configs = (rnnserve_configs(cores, fronts) if "rnnserve" in servers else []) + peer_configs(cores, servers)
+    configs = (rnnserve_configs(cores, fronts, tuple(args.rnnserve_flags.split())) if "rnnserve" in servers else [])
+    configs += peer_configs(cores, servers)
     if args.quick:  # the first settings of each group
         configs = [config for index, config in enumerate(configs)
                    if all(other.group != config.group for other in configs[:index])]
