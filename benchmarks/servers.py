@@ -150,7 +150,7 @@ def race(configs: list[Config], model: Path, body: Path, work: Path, args: argpa
                 continue
             try:
                 result = measure(config, model, body, work, args, ready_model)
-            except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+            except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
                 failures[config.label] = f"{type(error).__name__}: {error}"
                 print(f"FAILED {config.label}: {str(error)[:500]}", file=sys.stderr, flush=True)
                 continue
