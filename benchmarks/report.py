@@ -287,8 +287,10 @@ def section_servers(servers: dict | None) -> tuple[list[str], dict]:
         versus = (f"{row['throughput_rps']['median'] / pytriton['throughput_rps']['median']:.2f}x | "
                   f"{row['server_cpu_ms_per_request']['median'] / pytriton['server_cpu_ms_per_request']['median']:.2f}x"
                   if pytriton else "— | —")
-        lines.append(f"| {group} | {label.split(': ', 1)[-1]} | {server_cells(row)} | "
-                     f"{row['throughput_rps']['median'] / top:.2f} | {versus} |")
+        # The floor runs no model: a fraction of the model's ceiling says nothing of it.
+        of_ceiling = ("—" if configs[label]["config"]["server"] == "floor"
+                      else f"{row['throughput_rps']['median'] / top:.2f}")
+        lines.append(f"| {group} | {label.split(': ', 1)[-1]} | {server_cells(row)} | {of_ceiling} | {versus} |")
     lines += ["", "**Every configuration tried**", "",
               f"| configuration | settings | {SERVER_COLUMNS} | h2load CPU (cores) | errors |", "|" + "---|" * 9]
     lines += [f"| {label} | `{config_flags(row['config'])}` | {server_cells(row['summary'])} | "
