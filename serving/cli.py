@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
         "bench", help="run the benchmarks side by side and write BENCHMARKS.md (a source checkout; `make bench`)",
         description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, unary, "
-        "footprint, peers; the peers' venvs are set up first), then benchmarks/report.py, which writes "
-        "BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
+        "footprint, peers, servers; the peers' venvs and h2load are set up first), then benchmarks/report.py, "
+        "which writes BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
     )
     bench.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
                        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default all)")
@@ -123,7 +123,7 @@ def _add_score(subparsers) -> None:
     score.set_defaults(handler=_score)
 
 
-BENCHMARKS = ("runtime", "scoring", "streams", "unary", "footprint", "peers")
+BENCHMARKS = ("runtime", "scoring", "streams", "unary", "footprint", "peers", "servers")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -145,7 +145,8 @@ def _bench(args: argparse.Namespace) -> int:
     (folder / "results").mkdir(exist_ok=True)
     # `make bench` passes its own start so the peers' set-up and the image build count too.
     (folder / "results" / "started_at").write_text(os.environ.get("RNNSERVE_BENCH_STARTED", str(int(time.time()))))
-    steps = [["bash", str(folder / "setup_peers.sh")]] if "peers" in chosen else []
+    # The peers' venvs and h2load, which the server-side benchmark drives.
+    steps = [["bash", str(folder / "setup_peers.sh")]] if {"peers", "servers"} & set(chosen) else []
     steps += [[sys.executable, str(folder / f"{name}.py")] for name in BENCHMARKS if name in chosen]
     environment = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
     for command in [*steps, None]:
