@@ -230,3 +230,61 @@ def test_workers_refuse_a_port_another_server_holds(tmp_path):
 def test_bad_instances_or_workers_are_named_with_their_limit(flags, named):
     result = subprocess.run([*RNNSERVE, *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and named in result.stderr, result.stderr
+
+
+def test_a_reserved_port_is_held_on_every_address_of_the_host():
+    """localhost names 127.0.0.1 and ::1 (where the machine has IPv6): a port picked for the
+    workers is free, then held, on both, as gRPC binds both."""
+    import socket
+
+    from serving.workers import _addresses, reserve_port
+
+    addresses = _addresses("localhost", 0)
+    keepers, port = reserve_port("localhost", 0)
+    try:
+        assert port > 0 and len(keepers) == len(addresses)
+        assert {sock.getsockname()[1] for sock in keepers} == {port}
+        for family, address in addresses:  # a stranger without SO_REUSEPORT cannot take it anywhere
+            stranger = socket.socket(family, socket.SOCK_STREAM)
+            with pytest.raises(OSError):
+                stranger.bind((address[0], port))
+            stranger.close()
+    finally:
+        for sock in keepers:
+            sock.close()
+
+
+def test_sigterm_while_the_workers_start_exits_0(tmp_path):
+    """SIGTERM at any moment of start-up (before, while and after the workers load their models)
+    is a request to stop, not a failure: the parent exits 0 and leaves no metrics folder."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("rnnserve-metrics-*"))
+    log_path = tmp_path / "server.log"
+    for delay in (0.0, 0.5, 2.0):
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([*RNNSERVE, "--workers", "2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "starting 2 workers" not in log_path.read_text():  # the parent's handlers are set
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        output = log_path.read_text()
+        assert process.returncode == 0, (delay, output[-3000:])
+        assert "Traceback" not in output, output[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob("rnnserve-metrics-*")) <= before
+
+
+def test_a_metrics_folder_left_by_a_killed_group_is_removed_by_the_next(tmp_path):
+    import tempfile
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"rnnserve-metrics-{dead.pid}-orphan"
+    orphan.mkdir()
+    (orphan / "counter_1.db").write_bytes(b"left behind")
+    with WorkerGroup(tmp_path, "--workers", "2") as group:
+        assert not orphan.exists()
+        assert group.stop() == 0
