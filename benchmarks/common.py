@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +22,12 @@ def summary(values: list[float]) -> dict:
     import statistics
 
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
+def write_results(path: Path, report: dict) -> None:
+    """A benchmark's results as indented JSON (benchmarks/results/NAME.json unless told otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_only  # noqa: E402  (benchmarks/ is not a package)
-from common import start_rnnserve  # noqa: E402
+from common import start_rnnserve, write_results  # noqa: E402
 from recordings import write_recordings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,8 +129,7 @@ def main() -> int:
         if args.build_only:
             return 1
         # `rnnserve bench` goes on; the report says why this part is missing.
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"unavailable": str(error)}, indent=2) + "\n")
+        write_results(args.output, {"unavailable": str(error)})
         return 0
     if args.build_only:
         print(f"built {BINARY.relative_to(ROOT)}")
@@ -170,8 +169,7 @@ def main() -> int:
         for data in by_mode.values():
             passed = [r["streams"] for r in data["levels"] if r["passed"]]
             data["max_streams"] = max(passed) if passed else 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"wrote {args.output}")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_only  # noqa: E402  (benchmarks/ is not a package)
-from common import profile, start_rnnserve, summary  # noqa: E402
+from common import profile, start_rnnserve, summary, write_results  # noqa: E402
 from recordings import keyword_recording, pcm16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,8 +158,7 @@ def main() -> int:
     cellular = report["modes"]["cellular batching"]["max_streams"]
     single = report["modes"]["per-stream execution"]["max_streams"]
     report["ratio"] = cellular / single if single else None
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"max real-time streams: cellular {cellular}, per-stream {single}, transport only "
           f"{report['modes']['transport only']['max_streams']}; wrote {args.output}")
     return 0
