@@ -36,17 +36,21 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple
              "chunk, or KServe v2 sequences over `ModelStreamInfer`. A level passes when the p99 response latency is "
              f"<= {stream_load['p99_limit_ms']:g} ms, every stream kept pace and every stream's detections (KServe: "
              "running labels) equal those of its recording streamed alone. The transport-only server (no model, an "
-             "empty answer per chunk) runs in the same run with the same client; levels are interleaved.", "",
+             "empty answer per chunk) runs in the same run with the same client; levels are interleaved. "
+             + ("Each stream has its own connection and start." if not stream_load.get("connections") else
+                f"The streams share {stream_load['connections']} connections and start in "
+                f"{stream_load.get('start_groups') or 'their own'} groups."), "",
              "| server | mode | largest passing level | levels (p99 ms; ✗ failed) | keyword end to detection, p50 "
-             "(ms) |", "|---|---|---|---|---|"]
+             "(ms) | client CPU at the last level (cores) |", "|---|---|---|---|---|---|"]
     for server, by_mode in stream_load["servers"].items():
         for mode, data in by_mode.items():
             cells = ", ".join(f"{level['streams']}: {level['p99_ms']:.0f}{'' if level['passed'] else ' ✗'}"
                               for level in data["levels"])
             timed = [level["keyword_latency_ms"]["p50"] for level in data["levels"]
                      if level["passed"] and level.get("keyword_latency_ms")]
+            last = data["levels"][-1]
             lines.append(f"| {server} | {mode} | **{data['max_streams']}** | {cells} | "
-                         f"{f'{timed[-1]:.0f}' if timed else '–'} |")
+                         f"{f'{timed[-1]:.0f}' if timed else '–'} | {last['client_cpu_s'] / last['wall_s']:.2f} |")
     typed = stream_load["servers"].get("rnnserve", {}).get("typed")
     ceiling = stream_load["servers"].get("transport only", {}).get("typed")
     facts = {"max_streams": typed["max_streams"] if typed else None,

@@ -63,10 +63,11 @@ def build_loadgen() -> Path:
     return BINARY
 
 
-def run_loadgen(target: str, manifest: Path, mode: str, streams: int = 1, alone: bool = False) -> dict:
+def run_loadgen(target: str, manifest: Path, mode: str, streams: int = 1, alone: bool = False,
+                flags: tuple[str, ...] = ()) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
         command = [str(BINARY), "-target", target, "-manifest", str(manifest), "-mode", mode,
-                   "-streams", str(streams), "-output", output.name]
+                   "-streams", str(streams), "-output", output.name, *flags]
         done = subprocess.run(command + (["-alone"] if alone else []), capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -80,8 +81,9 @@ def outcome(stream: dict) -> list:
     return [(d["keyword"], round(d["start_ms"], 1), round(d["end_ms"], 1)) for d in stream["detections"]]
 
 
-def level(target: str, manifest: Path, mode: str, streams: int, reference: dict[int, list]) -> dict:
-    summary = run_loadgen(target, manifest, mode, streams)
+def level(target: str, manifest: Path, mode: str, streams: int, reference: dict[int, list],
+          flags: tuple[str, ...]) -> dict:
+    summary = run_loadgen(target, manifest, mode, streams, flags=flags)
     per_stream = summary["per_stream"]
     differing = [s["stream"] for s in per_stream if outcome(s) != reference[s["recording"]]]
     latency = summary["latency_ms"] or {}
@@ -93,7 +95,7 @@ def level(target: str, manifest: Path, mode: str, streams: int, reference: dict[
         "differing_streams": differing[:10], "keyword_latency_ms": summary["keyword_latency_ms"],
         "keywords_spoken": summary["keywords_spoken"], "keywords_missed": summary["keywords_missed"],
         "stream_errors": summary["stream_errors"], "first_error": summary.get("first_error", ""),
-        "wall_s": summary["wall_s"],
+        "wall_s": summary["wall_s"], "client_cpu_s": summary["client_cpu_s"],
     }
     result["passed"] = (latency.get("p99") is not None and latency["p99"] <= P99_LIMIT_MS
                         and summary["all_kept_pace"] and not differing and not summary["stream_errors"])
@@ -106,7 +108,7 @@ def describe(server: str, mode: str, result: dict) -> str:
             f"p99 {result['p99_ms'] or 0:7.1f} ms  kept pace {result['streams_kept_pace']}/{result['streams']}  "
             f"detections equal {result['detections_equal']}/{result['streams']}"
             + (f"  keyword->detection p50 {keyword['p50']:.0f} ms" if keyword else "")
-            + f"  {'ok' if result['passed'] else 'FAIL'}")
+            + f"  client CPU {result['client_cpu_s']:.2f} s  {'ok' if result['passed'] else 'FAIL'}")
 
 
 def main() -> int:
@@ -116,6 +118,11 @@ def main() -> int:
     parser.add_argument("--servers", default="rnnserve,transport only", help="rnnserve, transport only")
     parser.add_argument("--recordings", type=int, default=4, help="distinct recordings the streams play")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each recording (one stream)")
+    parser.add_argument("--connections", type=int, default=0,
+                        help="connections the streams share (0: one per stream, as independent clients)")
+    parser.add_argument("--start-groups", type=int, default=0,
+                        help="start the streams in this many groups (0: each its own start; with shared "
+                             "connections a group's chunks share writes, which costs the client less CPU)")
     parser.add_argument("--quick", action="store_true", help="3 streams, 2 recordings of 2.5 s (the test suite's run)")
     parser.add_argument("--build-only", action="store_true", help="build the load generator and stop")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "stream_load.json")
@@ -135,12 +142,14 @@ def main() -> int:
         print(f"built {BINARY.relative_to(ROOT)}")
         return 0
     levels = [int(v) for v in args.levels.split(",")]
+    flags = ("-connections", str(args.connections), "-start-groups", str(args.start_groups))
     modes = [m.strip() for m in args.modes.split(",")]
     starters = {"rnnserve": lambda: start_rnnserve("--max-streams", "5000"), "transport only": transport_only.start}
     names = [s.strip() for s in args.servers.split(",")]
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "client": "benchmarks/loadgen (Go)",
               "chunk_ms": 100, "recordings": args.recordings, "seconds_per_stream": args.seconds,
-              "p99_limit_ms": P99_LIMIT_MS, "servers": {}}
+              "p99_limit_ms": P99_LIMIT_MS, "connections": args.connections, "start_groups": args.start_groups,
+              "servers": {}}
     servers = {}
     with tempfile.TemporaryDirectory() as folder:
         manifest = write_recordings(Path(folder), args.recordings, args.seconds)
@@ -156,7 +165,7 @@ def main() -> int:
                     for name, (_, target) in servers.items():
                         if (name, mode) in failed:
                             continue
-                        result = level(target, manifest, mode, streams, references[(name, mode)])
+                        result = level(target, manifest, mode, streams, references[(name, mode)], flags)
                         report["servers"].setdefault(name, {}).setdefault(mode, {"levels": []})["levels"].append(result)
                         print(describe(name, mode, result), flush=True)
                         if not result["passed"]:

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sync"
 	"time"
 
@@ -39,6 +40,8 @@ type Options struct {
 	Alone         bool
 	TimeoutS      float64
 	Output        string
+	CPUProfile    string
+	StartGroups   int
 }
 
 func parseOptions() Options {
@@ -54,6 +57,9 @@ func parseOptions() Options {
 	flag.BoolVar(&o.Alone, "alone", false, "stream each recording alone, one after the other, unpaced (the reference)")
 	flag.Float64Var(&o.TimeoutS, "timeout-s", 0, "give up after this long (0: the longest recording + 60 s)")
 	flag.StringVar(&o.Output, "output", "-", "where the JSON summary goes (-: standard output)")
+	flag.IntVar(&o.StartGroups, "start-groups", 0, "streams start in this many groups spread over one chunk period, "+
+		"so a group's chunks share writes on a shared connection (0: every stream its own start)")
+	flag.StringVar(&o.CPUProfile, "cpuprofile", "", "write the client's own CPU profile here (go tool pprof)")
 	flag.Parse()
 	return o
 }
@@ -92,6 +98,17 @@ func run(o Options) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	if o.CPUProfile != "" {
+		out, err := os.Create(o.CPUProfile)
+		if err != nil {
+			return err
+		}
+		defer out.Close()
+		if err := pprof.StartCPUProfile(out); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 
 	started := time.Now()
 	var results []*StreamResult
@@ -176,7 +193,7 @@ func runStreams(ctx context.Context, o Options, conns []*grpc.ClientConn, plan [
 		finished.Add(1)
 		session := &session{
 			options: o, plan: p, chunk: chunk, pace: pace,
-			offset:     time.Duration(i) * chunk / time.Duration(len(plan)),
+			offset:     startOffset(i, len(plan), o.StartGroups, chunk),
 			sequenceID: sequenceBase + int64(i) + 1,
 		}
 		results[i] = session.result()
@@ -192,6 +209,14 @@ func runStreams(ctx context.Context, o Options, conns []*grpc.ClientConn, plan [
 	}
 	finished.Wait()
 	return results
+}
+
+// startOffset spreads the streams' starts over one chunk period: each its own, or in groups.
+func startOffset(stream, streams, groups int, chunk time.Duration) time.Duration {
+	if groups <= 0 || groups > streams {
+		groups = streams
+	}
+	return time.Duration(stream%groups) * chunk / time.Duration(groups)
 }
 
 func writeJSON(path string, value interface{}) error {

@@ -3,6 +3,7 @@ package main
 import (
 	"math"
 	"sort"
+	"syscall"
 	"time"
 )
 
@@ -52,14 +53,16 @@ type RecordingInfo struct {
 
 // Summary is the JSON the tool writes.
 type Summary struct {
-	Mode             string          `json:"mode"`
-	Target           string          `json:"target"`
-	Model            string          `json:"model"`
-	Streams          int             `json:"streams"`
-	Alone            bool            `json:"alone"`
-	ChunkMs          int             `json:"chunk_ms"`
-	ReportEveryMs    int             `json:"report_every_ms"`
-	WallS            float64         `json:"wall_s"`
+	Mode          string  `json:"mode"`
+	Target        string  `json:"target"`
+	Model         string  `json:"model"`
+	Streams       int     `json:"streams"`
+	Alone         bool    `json:"alone"`
+	ChunkMs       int     `json:"chunk_ms"`
+	ReportEveryMs int     `json:"report_every_ms"`
+	WallS         float64 `json:"wall_s"`
+	// The load generator's own CPU time (user + system) over the run, set-up included.
+	ClientCPUS       float64         `json:"client_cpu_s"`
 	ChunksSent       int             `json:"chunks_sent"`
 	Responses        int             `json:"responses"`
 	LatencyMs        *Distribution   `json:"latency_ms"`
@@ -106,6 +109,10 @@ func summarize(o Options, recordings []Recording, results []*StreamResult, wall 
 		}
 	}
 	s.AllKeptPace = s.StreamsKeptPace == len(results)
+	var usage syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &usage) == nil {
+		s.ClientCPUS = time.Duration(usage.Utime.Nano() + usage.Stime.Nano()).Seconds()
+	}
 	s.LatencyMs = distribution(latencies)
 	s.KeywordLatencyMs = distribution(keywordLatencies)
 	for _, r := range recordings {
