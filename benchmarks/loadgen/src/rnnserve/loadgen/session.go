@@ -161,10 +161,11 @@ func (s *session) run(ctx context.Context, conn *grpc.ClientConn, opened *sync.W
 		}
 	}
 	atomic.StoreInt64((*int64)(&closedAt), int64(sinceEpoch()))
-	if err := w.closeSend(); err != nil && res.Error == "" {
-		res.Error = err.Error()
+	closeErr := w.closeSend()
+	receiving.Wait() // the receiver writes res.Error too
+	if closeErr != nil && res.Error == "" {
+		res.Error = closeErr.Error()
 	}
-	receiving.Wait()
 	if finalAt > 0 {
 		res.FinalResponseMs = float64(finalAt-closedAt) / float64(time.Millisecond)
 	}
