@@ -31,6 +31,12 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
+def write_results(path: Path, report: dict) -> None:
+    """A benchmark's results as indented JSON (benchmarks/results/NAME.json unless told otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
     """`rnnserve serve --port 0 FLAGS` in its own process and session; returns it and its target
     once the log says which port it bound."""
