@@ -189,7 +189,7 @@ def profile_table(profile: dict | None) -> list[str]:
 
 def section_runtime(runtime: dict | None) -> tuple[list[str], dict]:
     if runtime is None:
-        return ["## 1. Runtime", "", "Not measured in this run (benchmarks/results/runtime.json missing)."], {}
+        return ["## 1. Runtime", "", "Not measured in this run (benchmarks/results/runtime.json missing).", ""], {}
     lines = ["## 1. Runtime: PyTorch eager vs ONNX Runtime fp32 vs INT8", "",
              f"One thread per runtime; rows/s, median of {runtime.get('repeats', 3)} repeats (min–max). "
              f"torch {runtime['machine']['torch']}, onnxruntime {runtime['machine']['onnxruntime']}. "
@@ -215,7 +215,7 @@ def section_runtime(runtime: dict | None) -> tuple[list[str], dict]:
 
 def section_unary(unary: dict | None) -> list[str]:
     if unary is None:
-        return ["## 2. Server unary", "", "Not measured in this run."]
+        return ["## 2. Server unary", "", "Not measured in this run.", ""]
     summary = unary["summary"]
     levels = list(next(iter(summary.values())))
     lines = ["## 2. Server unary: throughput and latency against concurrency", "",
@@ -265,7 +265,7 @@ def section_servers(servers: dict | None) -> tuple[list[str], dict]:
     title = "## 3. Servers measured at the server: h2load against rnnserve, PyTriton, MLServer and a bare gRPC server"
     if servers is None or servers.get("unavailable"):
         why = servers["unavailable"] if servers else "benchmarks/results/servers.json missing"
-        return [title, "", f"Not measured in this run: {why}."], {}
+        return [title, "", f"Not measured in this run: {why}.", ""], {}
     load_, configs, best = servers["load"], servers["configs"], servers["best"]
     top = servers["ceiling"]["tried"][servers["ceiling"]["best"]]["median"]
     fronts = (f"rnnserve's gRPC fronts side by side: {', '.join(servers['fronts'])}." if servers["front_flag"]
@@ -326,7 +326,7 @@ def section_servers(servers: dict | None) -> tuple[list[str], dict]:
 def section_peers(peers: dict | None) -> tuple[list[str], dict]:
     if peers is None:
         return ["## 4. Peers, the Python-client view", "",
-                "Not measured in this run (benchmarks/results/peers.json missing)."], {}
+                "Not measured in this run (benchmarks/results/peers.json missing).", ""], {}
     load_ = peers["load"]
     lines = ["## 4. Peers, the Python-client view: rnnserve vs Triton (PyTriton) vs MLServer through tritonclient",
              "",
@@ -367,7 +367,7 @@ def section_peers(peers: dict | None) -> tuple[list[str], dict]:
 
 def section_streams(streams: dict | None) -> tuple[list[str], dict]:
     if streams is None:
-        return ["## 5b. Streaming with the Python client", "", "Not measured in this run."], {}
+        return ["## 5b. Streaming with the Python client", "", "Not measured in this run.", ""], {}
     lines = ["## 5b. Streaming with the Python client: concurrent real-time audio streams on `keywords`", "",
              f"Each stream sends {streams['chunk_ms']:g} ms PCM16 chunks at real-time pace and gets a response per "
              f"chunk; a level passes when the median over {streams['repeats']} repeats of the p99 chunk latency is "
@@ -394,7 +394,7 @@ def section_streams(streams: dict | None) -> tuple[list[str], dict]:
 
 def section_scoring(scoring: dict | None) -> tuple[list[str], dict]:
     if scoring is None:
-        return ["## 6. Batch scoring", "", "Not measured in this run."], {}
+        return ["## 6. Batch scoring", "", "Not measured in this run.", ""], {}
     lines = ["## 6. Batch scoring: `rnnserve score` against the in-process ceiling", "",
              f"{scoring['rows']:,} generated texts, sentiment, median of {scoring['repeats']} repeats (min–max). "
              "The ceiling is the data plane's own classify on batches of 256 already in memory; each CLI run is its "
@@ -419,7 +419,7 @@ def section_scoring(scoring: dict | None) -> tuple[list[str], dict]:
 
 def section_footprint(footprint: dict | None) -> tuple[list[str], dict]:
     if footprint is None:
-        return ["## 7. Footprint", "", "Not measured in this run."], {}
+        return ["## 7. Footprint", "", "Not measured in this run.", ""], {}
     image = footprint.get("image_mb")
     lines = ["## 7. Footprint", "", f"`rnnserve serve` with the bundled models ({', '.join(footprint['models'])}).", "",
              "| measure | value |", "|---|---|",

@@ -27,9 +27,9 @@ def plot(stream_load: dict, plt) -> object:
 def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple[list[str], dict]:
     """The section's lines and {"max_streams": rnnserve's typed result, "transport": the ceiling}."""
     if stream_load is None:
-        return [TITLE, "", "Not measured in this run."], {}
+        return [TITLE, "", "Not measured in this run.", ""], {}
     if "unavailable" in stream_load:
-        return [TITLE, "", f"Not measured in this run: {stream_load['unavailable']}."], {}
+        return [TITLE, "", f"Not measured in this run: {stream_load['unavailable']}.", ""], {}
     lines = [TITLE, "", f"benchmarks/loadgen (Go) opens N streams, each playing one of {stream_load['recordings']} "
              f"espeak-ng keyword recordings ({stream_load['seconds_per_stream']:g} s) once in "
              f"{stream_load['chunk_ms']:g} ms PCM16 chunks at real-time pace: typed `Stream` with a response per "
