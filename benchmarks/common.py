@@ -31,6 +31,12 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
+def write_results(path: Path, report: dict) -> None:
+    """A benchmark's results as indented JSON (benchmarks/results/NAME.json unless told otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
     """`rnnserve serve --port 0 FLAGS` in its own process and session; returns it and its target
     once the log says which port it bound."""
@@ -94,12 +100,12 @@ def start_server(name: str, model: Path, port: int, work: Path, rnnserve_flags: 
     repository three folders up, with rnnserve_flags); in its own session so that stop() ends its
     whole tree. PyTriton gets `instances` sessions of `intra_op_threads` threads (0: ONNX Runtime's
     default); MLServer gets `parallel_workers` worker processes (0: inference in the server process).
-    "floor" is benchmarks/peers/floor_server.py answering work/floor_response.bin to every call.
+    "floor" is benchmarks/transport_only.py answering work/floor_response.bin to every ModelInfer.
     Its output goes to work/NAME.log."""
     handle = open(work / f"{name}.log", "w")
     if name == "floor":
-        command = [sys.executable, str(ROOT / "benchmarks" / "peers" / "floor_server.py"),
-                   str(work / "floor_response.bin"), str(port)]
+        command = [sys.executable, str(ROOT / "benchmarks" / "transport_only.py"), "--port", str(port),
+                   "--response", str(work / "floor_response.bin")]
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     if name == "rnnserve":
         command = [sys.executable, "-m", "serving", "serve", "--models", str(model.parent.parent.parent),

@@ -16,7 +16,6 @@ Writes benchmarks/results/peers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop, profile, start_server, stop, summary, tree_cpu_seconds, wait_ready  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, profile, start_server, stop, summary, tree_cpu_seconds, wait_ready, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS, WARMUP_S = 32, 3.0
@@ -192,8 +191,7 @@ def main() -> int:
     if "rnnserve" in table and "pytriton" in table:
         report["rnnserve_vs_pytriton_throughput"] = (
             table["rnnserve"]["throughput_rps"]["median"] / table["pytriton"]["throughput_rps"]["median"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     for name, row in table.items():
         print(f"{name:<9} median {row['throughput_rps']['median']:7.0f} req/s, p99 {row['p99_ms']['median']:6.1f} ms,"
               f" CPU {row['server_cpu_cores']['median']:.2f} cores")

@@ -24,7 +24,6 @@ benchmarks/results/servers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -41,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceiling  # noqa: E402  (benchmarks/ is not a package)
 import h2load  # noqa: E402
-from common import free_port_block, start_server, stop, summary, tree_cpu_seconds, wait_ready  # noqa: E402
+from common import free_port_block, start_server, stop, summary, tree_cpu_seconds, wait_ready, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "my bags were lost again and nobody at the desk could tell me where they are"
@@ -285,8 +284,7 @@ def text_path(table: dict, best: dict, work: Path, args: argparse.Namespace, cor
 
 
 def write(path: Path, report: dict, status: int) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(path, report)
     print(f"wrote {path}")
     return status
 

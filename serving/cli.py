@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subparsers.add_parser(
         "bench", help="run the benchmarks side by side and write BENCHMARKS.md (a source checkout; `make bench`)",
-        description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, unary, "
-        "footprint, peers, servers; the peers' venvs and h2load are set up first), then benchmarks/report.py, "
+        description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, stream_load, "
+        "unary, footprint, peers, servers; the peers' venvs and h2load are set up first), then benchmarks/report.py, "
         "which writes BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
     )
     bench.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
@@ -123,7 +123,7 @@ def _add_score(subparsers) -> None:
     score.set_defaults(handler=_score)
 
 
-BENCHMARKS = ("runtime", "scoring", "streams", "unary", "footprint", "peers", "servers")
+BENCHMARKS = ("runtime", "scoring", "streams", "stream_load", "unary", "footprint", "peers", "servers")
 
 
 def _bench(args: argparse.Namespace) -> int:
