@@ -44,14 +44,13 @@ def native_obstacles(settings: ServerSettings) -> list[str]:
     """What in these settings the native front cannot serve (empty: it can serve them all)."""
     obstacles = []
     if settings.tls_client_ca_file is not None:
-        obstacles.append("mutual TLS (--tls-client-ca-file): the native front serves plaintext only")
+        obstacles.append("mutual TLS (--tls-client-ca-file; it serves plaintext only)")
     elif settings.tls_cert_file is not None or settings.tls_key_file is not None:
-        obstacles.append("TLS (--tls-cert-file/--tls-key-file): the native front serves plaintext only")
+        obstacles.append("TLS (--tls-cert-file, --tls-key-file; it serves plaintext only)")
     if settings.keepalive_max_ping_strikes > 0:
         obstacles.append(
-            f"--keepalive-max-ping-strikes {settings.keepalive_max_ping_strikes}: the native front accepts client "
-            "pings without enforcing --keepalive-min-ping-interval-s, so a client flooding pings is never sent "
-            "away (0 turns the limit off)"
+            f"--keepalive-max-ping-strikes {settings.keepalive_max_ping_strikes} (it takes client pings without "
+            "limits, so a client flooding pings is never sent away; 0 turns the limit off)"
         )
     return obstacles
 
@@ -70,8 +69,8 @@ def choose_front(settings: ServerSettings) -> Front:
             )
         if obstacles:
             raise FrontUnavailable(
-                f"--grpc-front native cannot serve {'; '.join(obstacles)}. Use --grpc-front auto to fall back to "
-                "grpcio for such settings, or --grpc-front grpcio"
+                f"--grpc-front native: pygrpc-native cannot serve {'; '.join(obstacles)}. Change that, or use "
+                "--grpc-front auto (grpcio serves such settings) or grpcio"
             )
         return Front("native", "--grpc-front native")
     if not installed:
