@@ -74,6 +74,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
+    front = choose_front(settings)  # a front that cannot serve the settings is refused before any loading
     if dataplane is None:
         runtime = settings.runtime_options()
         dataplane = DataPlane(
@@ -82,7 +83,6 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
                            settings.batch_preferred_rows),
             settings.stream_limits(),
         )
-    front = choose_front(settings)
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     token = settings.bearer_token()
     interceptors = [BearerTokenInterceptor(token, dataplane.metrics)] if token else []

@@ -73,3 +73,12 @@ def test_auto_with_default_settings_serves_on_grpcio_and_the_log_says_why(caplog
     assert "gRPC front: grpcio" in caplog.text
     why = "--keepalive-max-ping-strikes 2" if native_installed() else "pygrpc-native is not installed"
     assert why in caplog.text, caplog.text
+
+
+@needs_native
+def test_a_server_asked_for_native_with_tls_is_refused_before_loading_anything(tmp_path):
+    fields, _ = UNSERVABLE["tls"]
+    settings = ServerSettings(models=tmp_path / "missing", port=0, grpc_front="native", **fields)
+    with pytest.raises(FrontUnavailable, match=r"TLS \(--tls-cert-file"):  # not the missing repository
+        with BackgroundServer(settings):
+            pass
