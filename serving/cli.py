@@ -220,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from serving.errors import ModelLoadError
+    from serving.grpc.front import choose_front
     from serving.grpc.server import serve
     from serving.settings import ServerSettings
 
@@ -237,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {_setting_problems(error)}", file=sys.stderr)
         return 2
     try:
+        choose_front(settings)  # --grpc-front native on settings it cannot serve: refused before any work
         settings.bearer_token()
         settings.server_credentials()
     except (OSError, ValueError) as error:

@@ -1,6 +1,7 @@
 """`rnnserve serve --workers N`: real worker processes sharing a port picked by the parent (port 0),
 answers equal to unbatched ones, aggregated metrics, KServe sequences kept per connection, and a
-SIGTERM that drains every worker and exits 0."""
+SIGTERM that drains every worker and exits 0; on each gRPC front (pygrpc-native sets SO_REUSEPORT
+when asked, so workers share the port on it too)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ SERVING = re.compile(r"serving .* on 127\.0\.0\.1:(\d+) \((\d+) workers")
 # otherwise: each of these gets its own, so the kernel can hand it to either worker.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 WORDS = "the flight was late again but the crew were kind and the food was awful great terrible fine".split()
+
+
+@pytest.fixture(scope="module")
+def front_flags(front_settings) -> list[str]:
+    """The serve flags of front_settings (the gRPC front, and what it needs)."""
+    return [part for name, value in front_settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
 
 
 class WorkerGroup:
@@ -93,13 +100,13 @@ def _texts(rng: np.random.Generator, count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))) for _ in range(count)]
 
 
-def test_workers_answer_64_clients_like_an_unbatched_server_and_sum_their_metrics(tmp_path):
+def test_workers_answer_64_clients_like_an_unbatched_server_and_sum_their_metrics(tmp_path, front_flags):
     rng = np.random.default_rng(3)
     requests = [_texts(rng, int(rng.integers(1, 4))) for _ in range(64)]
     alone = DataPlane(load_repository(ROOT / "models", only={"sentiment"}), batching=None)
     expected = [np.stack([p.probabilities for p in alone.classify_texts("sentiment", "", texts)[1]])
                 for texts in requests]
-    with WorkerGroup(tmp_path, "--workers", "2", "--instances", "1", "--metrics-port", "0") as group:
+    with WorkerGroup(tmp_path, "--workers", "2", "--instances", "1", "--metrics-port", "0", *front_flags) as group:
         assert group.workers == 2
 
         def send(texts):  # a connection per client, so the kernel spreads them over the workers
@@ -143,12 +150,12 @@ def test_a_kserve_sequence_on_one_channel_keeps_its_state_across_workers(tmp_pat
         assert group.stop() == 0
 
 
-def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker(tmp_path):
+def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker(tmp_path, front_flags):
     """The documented behaviour: a continuation that reaches the worker holding the sequence
     goes on; one that reaches another worker is INVALID_ARGUMENT ("no active sequence"). With 16
     connections both happen (all on one worker: 2 in 65,536), which also shows that the kernel
     spreads connections over the workers."""
-    with WorkerGroup(tmp_path, "--workers", "2") as group:
+    with WorkerGroup(tmp_path, "--workers", "2", *front_flags) as group:
         first = _kserve(group.target)
         first.infer("sentiment", [_fragment("the flight ")], sequence_id=77, sequence_start=True)
         outcomes = []
@@ -169,10 +176,11 @@ def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker
         assert group.stop() == 0
 
 
-def test_sigterm_drains_every_worker_and_exits_0(tmp_path):
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path, front_flags):
     """Requests held in the batchers (2 s delay) of both workers when SIGTERM comes: health turns
     NOT_SERVING, every request is answered, and the parent exits 0."""
-    with WorkerGroup(tmp_path, "--workers", "2", "--batch-max-delay-ms", "2000", "--grace-period-s", "20") as group:
+    with WorkerGroup(tmp_path, "--workers", "2", "--batch-max-delay-ms", "2000", "--grace-period-s", "20",
+                     *front_flags) as group:
         clients = [grpc.insecure_channel(group.target, options=OWN_CONNECTION) for _ in range(8)]
         try:
             with ThreadPoolExecutor(len(clients)) as pool:

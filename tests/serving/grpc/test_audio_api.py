@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def client():
-    with BackgroundServer(ServerSettings(models=ROOT / "models", port=0)) as running:
+def client(front_settings):
+    with BackgroundServer(ServerSettings(models=ROOT / "models", port=0, **front_settings)) as running:
         with RnnServeClient(running.target) as connected:
             yield connected
 
