@@ -385,4 +385,4 @@ def _moving_average(joined: np.ndarray, width: int, history_frames: np.ndarray, 
     np.cumsum(joined, axis=1, out=sums[:, 1:])
     ends = width + np.arange(1, total - width + 1)
     averaged = np.minimum(smoothing[:, None], history_frames[:, None] + np.arange(1, total - width + 1))
-    return (sums[:, ends] - sums[np.arange(count)[:, None], ends - averaged]) / averaged[..., None]
+    return (sums[:, width + 1 :] - sums[np.arange(count)[:, None], ends - averaged]) / averaged[..., None]
