@@ -103,9 +103,9 @@ PROFILE_GROUPS = {
     "event loop thread (gRPC messages, handler, everything below)": "run_forever",
     "  stream handler (typed.py Stream)": "RnnServeServicer.Stream",
     "  audio front end (PCM decode, resample, log-mel)": "AudioStream.rows",
-    "  detector and posteriors": "AudioStream.apply",
-    "step batcher thread": "Batcher._work",
+    "step batcher thread": "Batcher._instance",
     "  ONNX Runtime step calls": "Session.run",
+    "  keyword detector (every audio row of a step at once)": "BatchDetector.update",
 }
 
 

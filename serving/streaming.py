@@ -12,8 +12,10 @@ is committed to the state (its tokens cannot change when more text arrives); the
 unfinished word is scored provisionally, from the same state, in the same call.
 Audio goes through the streaming log-mel frontend (exact framing across chunk
 boundaries) and, for other input rates, a streaming resampler. For keyword models
-the per-frame posteriors feed a detector (moving-average smoothing, a threshold and
-a refractory period) that reports each spoken keyword once, with its times.
+the per-frame posteriors feed a detector (serving/detector.py: moving-average
+smoothing, a threshold and a refractory period) that reports each spoken keyword
+once, with its times; like the state tensors, each stream's detector state rides in
+its step row, and the detector runs for all audio rows of a step call at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from serving.audio import StreamingLogMel
 from serving.batching import Batcher
+from serving.detector import BatchDetector, Detection, DetectorConfig, DetectorState
 from serving.errors import InvalidInput, ResourceExhausted, ServingError
 from serving.repository import ModelVersion
 
@@ -47,35 +50,6 @@ class ShuttingDown(ServingError):
     code = "UNAVAILABLE"
 
 
-@dataclass(frozen=True)
-class DetectorConfig:
-    threshold: float = 0.5
-    smoothing_ms: float = 100.0
-    refractory_ms: float = 500.0
-    # An open detection collects evidence this long (dips below the threshold included) and is
-    # then reported as the keyword with the highest peak.
-    decision_ms: float = 500.0
-
-    def checked(self) -> DetectorConfig:
-        if not 0.0 < self.threshold < 1.0:
-            raise InvalidInput(f"config.threshold: {self.threshold}, must be between 0 and 1 (exclusive)")
-        for name in ("smoothing_ms", "refractory_ms", "decision_ms"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 10_000:
-                raise InvalidInput(f"config.{name}: {value}, must be 0 to 10000 ms")
-        return self
-
-
-@dataclass(frozen=True)
-class Detection:
-    keyword: str
-    start_ms: float
-    end_ms: float
-    confidence: float
-    # Stream time at which the detector reported it (the end of the frame that closed it).
-    reported_ms: float = 0.0
-
-
 @dataclass
 class StepRow:
     """One chunk of one stream: tokens [T] or frames [T, F], and the state it starts from."""
@@ -84,6 +58,8 @@ class StepRow:
     state: dict[str, np.ndarray]
     # False for a provisional row (text's unfinished word): its state is not kept.
     commit: bool = True
+    # Audio of a keyword model: the stream's keyword detector state, advanced over the frames.
+    detector: DetectorState | None = None
 
 
 @dataclass
@@ -91,6 +67,11 @@ class StepResult:
     logits: np.ndarray  # [C]: the result of everything streamed so far
     frame_logits: np.ndarray  # [T, C]: per token / frame
     state: dict[str, np.ndarray]
+    # Rows with a detector: its new state, the events it closed, and per label the highest
+    # smoothed posterior over the row's frames.
+    detector: DetectorState | None = None
+    detections: list[Detection] = field(default_factory=list)
+    posteriors_peak: np.ndarray | None = None
 
 
 def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) -> list[list[StepResult]]:
@@ -111,6 +92,9 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) 
         feeds[state.name] = np.stack([row.state[state.name] for row in rows])
     names = ["logits", "frame_logits", *(state.output for state in spec.state)]
     outputs = dict(zip(names, session.run(feeds, names), strict=True))
+    detecting = [index for index, row in enumerate(rows) if row.detector is not None]
+    detected = dict(zip(detecting, _detect(model, [rows[i].detector for i in detecting],
+                                           outputs["frame_logits"][detecting], lengths[detecting]), strict=True))
     results, index = [], 0
     for payload in payloads:
         mine = []
@@ -119,10 +103,30 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) 
                 logits=outputs["logits"][index].copy(),
                 frame_logits=outputs["frame_logits"][index, : len(row.inputs)].copy(),
                 state={state.name: outputs[state.output][index].copy() for state in spec.state},
+                **detected.get(index, {}),
             ))
             index += 1
         results.append(mine)
     return results
+
+
+def keyword_detector(model: ModelVersion) -> BatchDetector:
+    config = model.frontend.config
+    return BatchDetector(model.card.labels, config.hop_samples / config.sample_rate_hz * 1000,
+                         config.window_samples / config.sample_rate_hz * 1000)
+
+
+def _detect(model: ModelVersion, states: list[DetectorState], frame_logits: np.ndarray,
+            lengths: np.ndarray) -> list[dict]:
+    """The keyword detector of every audio row of a step, at once: frame_logits [N, T, C]."""
+    if not states:
+        return []
+    state, detections, smoothed = keyword_detector(model).update(
+        DetectorState.stack(states), _softmax(frame_logits.astype(np.float64)), lengths
+    )
+    peaks = np.where((np.arange(smoothed.shape[1]) < lengths[:, None])[..., None], smoothed, -np.inf).max(axis=1)
+    return [{"detector": row, "detections": found, "posteriors_peak": peak}
+            for row, found, peak in zip(state.rows(), detections, peaks, strict=True)]
 
 
 def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
@@ -134,76 +138,6 @@ def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-class KeywordDetector:
-    """Smoothed per-frame posteriors -> one event per spoken keyword.
-
-    s_t is the mean of the last `smoothing` frame posteriors. When a keyword's s_t reaches
-    the threshold an event opens; it gathers every keyword's peak for decision_ms and is then
-    reported as the keyword with the highest peak, that peak being its confidence (the first
-    frames of a word often look like another keyword). For refractory_ms after it no event
-    opens. Labels starting with `_` never fire.
-    """
-
-    def __init__(self, labels: list[str], hop_ms: float, window_ms: float, config: DetectorConfig):
-        self.labels = labels
-        self.keywords = np.array([i for i, label in enumerate(labels) if not label.startswith("_")])
-        self.hop_ms, self.window_ms, self.config = hop_ms, window_ms, config
-        self.smoothing = max(1, round(config.smoothing_ms / hop_ms))
-        self.history = np.zeros((0, len(labels)), np.float32)
-        self.frame = 0
-        self.refractory_until_ms = -1.0
-        # (unused, first frame, last frame, per-keyword peaks) of the open event
-        self.open: tuple[None, int, int, np.ndarray] | None = None
-
-    def _close(self, at_frame: int) -> Detection:
-        _, first, last, peaks = self.open
-        self.open = None
-        # The keyword with the highest peak while the event was open names it.
-        label, peak = int(self.keywords[int(peaks.argmax())]), float(peaks.max())
-        end_ms = last * self.hop_ms + self.window_ms
-        self.refractory_until_ms = end_ms + self.config.refractory_ms
-        start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
-        return Detection(self.labels[label], start_ms, end_ms, peak, at_frame * self.hop_ms + self.window_ms)
-
-    def update(self, posteriors: np.ndarray) -> tuple[list[Detection], np.ndarray]:
-        """Feed [T, C] frame posteriors; returns the events closed and the smoothed [T, C]."""
-        joined = np.concatenate([self.history, posteriors.astype(np.float32)])
-        sums = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1]), np.float32), joined]), axis=0)
-        ends = np.arange(len(self.history), len(joined)) + 1
-        starts = np.maximum(ends - self.smoothing, 0)
-        # Frames at the very start average over the frames there are.
-        smoothed = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
-        self.history = joined[-(self.smoothing - 1):] if self.smoothing > 1 else joined[:0]
-        events = []
-        threshold = self.config.threshold
-        decision_frames = max(1, round(self.config.decision_ms / self.hop_ms))
-        if not len(self.keywords):
-            self.frame += len(smoothed)
-            return events, smoothed
-        keyword_scores = smoothed[:, self.keywords]
-        if self.open is None and float(keyword_scores.max(initial=0.0)) < threshold:
-            self.frame += len(smoothed)  # the usual chunk: nothing open, nothing reaches the threshold
-            return events, smoothed
-        for offset in range(len(smoothed)):
-            frame = self.frame + offset
-            best = int(keyword_scores[offset].argmax())
-            score = float(keyword_scores[offset, best])
-            if self.open is not None:
-                _, first, last, peaks = self.open
-                if frame - first < decision_frames:
-                    np.maximum(peaks, keyword_scores[offset], out=peaks)
-                    self.open = (None, first, frame if score >= threshold else last, peaks)
-                    continue
-                events.append(self._close(frame))
-            if score >= threshold and frame * self.hop_ms >= self.refractory_until_ms:
-                self.open = (None, frame, frame, keyword_scores[offset].copy())
-        self.frame += len(smoothed)
-        return events, smoothed
-
-    def finish(self) -> list[Detection]:
-        return [self._close(max(self.frame - 1, 0))] if self.open is not None else []
 
 
 @dataclass
@@ -300,10 +234,8 @@ class AudioStream(Stream):
 
             self.resampler = soxr.ResampleStream(input_rate_hz, self.rate, 1, dtype="float32", quality="HQ")
         self.samples = 0  # at the input rate
-        self.detector = KeywordDetector(
-            model.card.labels, config.hop_samples / self.rate * 1000, config.window_samples / self.rate * 1000,
-            detector.checked(),
-        )
+        self.detector = keyword_detector(model)
+        self.detector_state = self.detector.start([detector.checked()])
 
     @property
     def seconds(self) -> float:
@@ -321,19 +253,20 @@ class AudioStream(Stream):
         if self.resampler is not None:
             samples = self.resampler.resample_chunk(samples, last=last)
         features = self.frontend.push(np.clip(samples, -1.0, 1.0))
-        return [StepRow(features, self.state)] if len(features) else []
+        return [StepRow(features, self.state, detector=self.detector_state)] if len(features) else []
 
     def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
         detections: list[Detection] = []
         chunk_posteriors = None
-        for result in results:
+        for result in results:  # the detector ran with the step (run_steps)
             self._apply_commit(result)
-            found, smoothed = self.detector.update(_softmax(result.frame_logits.astype(np.float64)))
-            detections += found
-            peak = smoothed.max(axis=0)
+            self.detector_state = result.detector
+            detections += result.detections
+            peak = result.posteriors_peak
             chunk_posteriors = peak if chunk_posteriors is None else np.maximum(chunk_posteriors, peak)
         if last:
-            detections += self.detector.finish()
+            (found,) = self.detector.finish(self.detector_state)
+            detections += found
         return Update(logits=self.logits, detections=detections, chunk_posteriors=chunk_posteriors, final=last)
 
 
