@@ -10,8 +10,11 @@ has at most one step in flight, so its chunks run in order.
 Text arrives in fragments that may split words: only text up to the last whitespace
 is committed to the state (its tokens cannot change when more text arrives); the
 unfinished word is scored provisionally, from the same state, in the same call.
-Audio goes through the streaming log-mel frontend (exact framing across chunk
-boundaries) and, for other input rates, a streaming resampler. For keyword models
+Audio chunks reach the step queue as they arrived (PCM16 bytes or float samples, checked
+against the limits on the event loop); the step thread decodes the chunks of all streams of a
+step call together, resamples those at other input rates (a streaming resampler per stream) and
+frames them and computes their log-mel features together (serving/audio.py push_streams: exact
+framing across chunk boundaries, each stream's leftover samples carried as its state). For keyword models
 the per-frame posteriors feed a detector (serving/detector.py: moving-average
 smoothing, a threshold and a refractory period) that reports each spoken keyword
 once, with its times; like the state tensors, each stream's detector state rides in
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.audio import StreamingLogMel
+from serving.audio import decode_pcm16_chunks, push_streams
 from serving.batching import Batcher
 from serving.detector import BatchDetector, Detection, DetectorConfig, DetectorState
 from serving.errors import InvalidInput, ResourceExhausted, ServingError
@@ -110,6 +113,54 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) 
     return results
 
 
+@dataclass
+class AudioChunk:
+    """One chunk of one audio stream as it arrived, PCM16 bytes or float samples at the stream's
+    input rate, with what the step thread turns it into a step row from: the stream's leftover
+    samples, its resampler (None at the model's rate), state and detector state."""
+
+    data: bytes | np.ndarray
+    pending: np.ndarray
+    state: dict[str, np.ndarray]
+    detector: DetectorState
+    resampler: object | None = None
+    last: bool = False
+
+
+@dataclass
+class AudioStep:
+    """What a step call made of an AudioChunk: the stream's new leftover samples and, when the
+    chunk completed a frame, the result of its step row."""
+
+    pending: np.ndarray
+    result: StepResult | None = None
+
+
+def run_audio_steps(model: ModelVersion, chunks: list[AudioChunk], session=None) -> list[AudioStep]:
+    """The chunks of many audio streams: decoded, resampled, framed and turned into log-mel
+    features together, then the rows of those that completed a frame in one run_steps call."""
+    features, pending = frontend_features(model, chunks)
+    stepping = [index for index, frames in enumerate(features) if len(frames)]
+    results = run_steps(model, [[StepRow(features[i], chunks[i].state, detector=chunks[i].detector)]
+                                for i in stepping], session) if stepping else []
+    found = {index: result for index, (result,) in zip(stepping, results, strict=True)}
+    return [AudioStep(leftover, found.get(index)) for index, leftover in enumerate(pending)]
+
+
+def frontend_features(model: ModelVersion, chunks: list[AudioChunk]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each chunk's completed log-mel frames and its stream's new leftover samples."""
+    pcm = [index for index, chunk in enumerate(chunks) if isinstance(chunk.data, bytes)]
+    samples: list[np.ndarray] = [chunk.data for chunk in chunks]
+    for index, decoded in zip(pcm, decode_pcm16_chunks([chunks[i].data for i in pcm]), strict=True):
+        samples[index] = decoded
+    for index, chunk in enumerate(chunks):
+        if chunk.resampler is not None:  # stateful C code, one stream at a time
+            samples[index] = chunk.resampler.resample_chunk(samples[index], last=chunk.last)
+        if chunk.resampler is not None or not isinstance(chunk.data, bytes):  # PCM16 is in range
+            samples[index] = np.clip(samples[index], -1.0, 1.0)
+    return push_streams(model.frontend, [chunk.pending for chunk in chunks], samples)
+
+
 def keyword_detector(model: ModelVersion) -> BatchDetector:
     config = model.frontend.config
     return BatchDetector(model.card.labels, config.hop_samples / config.sample_rate_hz * 1000,
@@ -152,7 +203,9 @@ class Update:
 
 
 class Stream:
-    """State of one stream; subclasses turn chunks into step rows and outputs into updates."""
+    """State of one stream. Subclasses check a chunk on the event loop and make it a step job,
+    `job(chunk, last) -> (payload, rows) | None` (None: no step needed), and commit what the
+    step call returned, `apply(payload, outcome, last) -> Update` (both None without a job)."""
 
     _serial = itertools.count(1)
 
@@ -183,7 +236,11 @@ class TextStream(Stream):
     def _ids(self, text: str, room: int) -> np.ndarray:
         return np.asarray(self.encoder.tokenizer.encode(text).ids[: max(room, 0)], np.int64)
 
-    def rows(self, fragment: str, last: bool) -> list[StepRow]:
+    def job(self, fragment: str, last: bool) -> tuple[list[StepRow], int] | None:
+        rows = self._rows(fragment, last)
+        return (rows, len(rows)) if rows else None
+
+    def _rows(self, fragment: str, last: bool) -> list[StepRow]:
         if len(fragment) > self.max_chunk_chars:
             raise InvalidInput(f"chunk.text: {len(fragment)} characters, limit {self.max_chunk_chars} per chunk")
         text = self.tail + fragment
@@ -208,9 +265,9 @@ class TextStream(Stream):
                 rows.append(StepRow(provisional, self.state, commit=False))
         return rows
 
-    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+    def apply(self, rows: list[StepRow] | None, results: list[StepResult] | None, last: bool) -> Update:
         running = self.logits
-        for row, result in zip(rows, results, strict=True):
+        for row, result in zip(rows or [], results or [], strict=True):
             if row.commit:
                 self._apply_commit(result)
                 self.tokens += len(row.inputs)
@@ -227,7 +284,8 @@ class AudioStream(Stream):
             raise InvalidInput(f"config.sample_rate_hz: {input_rate_hz}, must be 1 to 384000 Hz")
         self.input_rate = input_rate_hz
         self.max_chunk_seconds = max_chunk_seconds
-        self.frontend = StreamingLogMel(model.frontend)
+        # Samples at the model's rate not yet in a frame (the next frame's start on).
+        self.pending = np.zeros(0, np.float32)
         self.resampler = None
         if input_rate_hz != self.rate:
             import soxr
@@ -241,29 +299,38 @@ class AudioStream(Stream):
     def seconds(self) -> float:
         return self.samples / self.input_rate
 
-    def rows(self, samples: np.ndarray, last: bool) -> list[StepRow]:
-        samples = np.asarray(samples, np.float32).reshape(-1)
-        if len(samples) / self.input_rate > self.max_chunk_seconds:
+    def job(self, data: bytes | np.ndarray, last: bool) -> tuple[AudioChunk, int] | None:
+        """data: little-endian PCM16 bytes or float samples, at the input rate. Only checked
+        here; decoding and the frontend run on the step thread (run_audio_steps)."""
+        if isinstance(data, bytes):
+            if len(data) % 2:
+                raise InvalidInput(f"chunk.pcm16: {len(data)} bytes, not a whole number of 16-bit samples")
+            count = len(data) // 2
+        else:
+            data = np.asarray(data, np.float32).reshape(-1)
+            count = len(data)
+        if count / self.input_rate > self.max_chunk_seconds:
             raise InvalidInput(
-                f"chunk: {len(samples) / self.input_rate:.2f} s of audio, limit {self.max_chunk_seconds:g} s per chunk"
+                f"chunk: {count / self.input_rate:.2f} s of audio, limit {self.max_chunk_seconds:g} s per chunk"
             )
-        if not np.isfinite(samples).all():
+        if not isinstance(data, bytes) and not np.isfinite(data).all():
             raise InvalidInput("chunk.samples: NaN or infinite values")
-        self.samples += len(samples)
-        if self.resampler is not None:
-            samples = self.resampler.resample_chunk(samples, last=last)
-        features = self.frontend.push(np.clip(samples, -1.0, 1.0))
-        return [StepRow(features, self.state, detector=self.detector_state)] if len(features) else []
+        self.samples += count
+        if not count and not (last and self.resampler is not None):  # nothing new (the resampler flushes)
+            return None
+        return AudioChunk(data, self.pending, self.state, self.detector_state, self.resampler, last), 1
 
-    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+    def apply(self, chunk: AudioChunk | None, step: AudioStep | None, last: bool) -> Update:
         detections: list[Detection] = []
         chunk_posteriors = None
-        for result in results:  # the detector ran with the step (run_steps)
+        if step is not None:
+            self.pending = step.pending
+        if step is not None and step.result is not None:  # the detector ran with the step (run_steps)
+            result = step.result
             self._apply_commit(result)
             self.detector_state = result.detector
             detections += result.detections
-            peak = result.posteriors_peak
-            chunk_posteriors = peak if chunk_posteriors is None else np.maximum(chunk_posteriors, peak)
+            chunk_posteriors = result.posteriors_peak
         if last:
             (found,) = self.detector.finish(self.detector_state)
             detections += found
@@ -376,10 +443,11 @@ class StreamManager:
         with self._lock:
             if key not in self._runners:
                 label = f"{model.name}/step"
+                run = run_audio_steps if model.frontend is not None else run_steps
                 self.metrics.instances.labels(label).set(len(model.step_sessions))
                 self._runners[key] = Batcher(
                     f"{model.name}/{model.version}/step",
-                    [functools.partial(run_steps, model, session=session) for session in model.step_sessions],
+                    [functools.partial(run, model, session=session) for session in model.step_sessions],
                     max_batch_rows=self.limits.step_max_rows, max_delay_s=0.0,
                     max_queue_rows=max(self.limits.max_streams * 2, self.limits.step_max_rows),
                     observe=lambda waits, seconds, rows: self._observe(label, waits, seconds, rows),
@@ -394,21 +462,22 @@ class StreamManager:
         self.metrics.batch_rows.labels(label).observe(rows)
 
     async def feed(self, stream: Stream, chunk, last: bool = False) -> Update:
-        """Run one chunk (text fragment or float samples; None at the end) through the stream."""
+        """Run one chunk (a text fragment, PCM16 bytes or float samples; None at the end) through the stream."""
         if stream.ended:
             if self._stop.is_set():
                 raise ShuttingDown("the server is shutting down; the stream was ended")
             raise StreamStateError("the stream has ended")
         stream.last_active = time.monotonic()
-        empty = "" if isinstance(stream, TextStream) else np.zeros(0, np.float32)
-        rows = stream.rows(empty if chunk is None else chunk, last)
+        empty = "" if isinstance(stream, TextStream) else b""
+        job = stream.job(empty if chunk is None else chunk, last)
         stream.chunks += 1
-        results: list[StepResult] = []
-        if rows:
+        payload = outcome = None
+        if job is not None:
+            payload, rows = job
             # Steps of every stream awaiting this batch wake the loop once, together.
-            results = await self._runner(stream.model).submit_async(rows, len(rows))
+            outcome = await self._runner(stream.model).submit_async(payload, rows)
         stream.last_active = time.monotonic()
-        return stream.apply(rows, results, last)
+        return stream.apply(payload, outcome, last)
 
     # -- idle sequences -------------------------------------------------------------------
     def _sweep(self) -> None:
