@@ -102,10 +102,11 @@ def measure(target: str, streams: int, seconds: float, repeats: int, pcm: bytes)
 PROFILE_GROUPS = {
     "event loop thread (gRPC messages, handler, everything below)": "run_forever",
     "  stream handler (typed.py Stream)": "RnnServeServicer.Stream",
-    "  audio front end (PCM decode, resample, log-mel)": "AudioStream.rows",
-    "  detector and posteriors": "AudioStream.apply",
-    "step batcher thread": "Batcher._work",
+    "  audio chunk checks (limits only; decoding is on the step thread)": "AudioStream.job",
+    "step batcher thread": "Batcher._instance",
+    "  audio front end (PCM decode, resample, log-mel; every stream of a step at once)": "frontend_features",
     "  ONNX Runtime step calls": "Session.run",
+    "  keyword detector (every audio row of a step at once)": "BatchDetector.update",
 }
 
 
