@@ -284,6 +284,7 @@ def text_path(table: dict, best: dict, work: Path, args: argparse.Namespace, cor
 
 
 def write(path: Path, report: dict, status: int) -> int:
+    report["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_results(path, report)
     print(f"wrote {path}")
     return status
