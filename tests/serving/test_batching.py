@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from busy_instances import busy_instances
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -95,30 +96,10 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun(instances
                               instances=instances)
     with BackgroundServer(settings) as server:
         plane = server.running.dataplane
-        model = plane.model("sentiment")
-        batcher = plane.batcher(model)
-        # Keep every instance busy: a real job each, whose post-processing (on the instance
-        # thread) waits until the test lets it go. The hasty request then waits in the queue.
-        release, busy = threading.Event(), threading.Semaphore(0)
-
-        def hold(result):
-            busy.release()
-            release.wait(30)
-            return result
-
-        _, rows, _ = plane._text_job("sentiment", "", ["an instance stays busy"], 0)
-        holders = []
-        for _ in range(instances):  # one at a time, or one instance would take them all in one call
-            holders.append(batcher.submit(("text", rows), len(rows), key="text", then=hold))
-            assert busy.acquire(timeout=30)
-        try:
+        with busy_instances(plane, "sentiment") as batcher:
             with RnnServeClient(server.target, timeout_s=0.1) as hasty, pytest.raises(grpc.RpcError) as error:
                 hasty.classify("sentiment", ["will anyone wait for me"])
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        finally:
-            release.set()
-        for holder in holders:
-            holder.result(30)
         for _ in range(50):
             if batcher.stats.expired:
                 break
