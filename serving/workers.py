@@ -115,9 +115,11 @@ def _die_with_parent() -> None:
 def _worker(settings: ServerSettings, index: int, parent_pid: int, report: Connection,
             configure_logging: Callable[[], None]) -> None:
     """A worker process: one whole server on the shared port; tells the parent when it serves."""
-    # Until the server's own handlers are installed a signal just ends the worker: nothing runs yet.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    # Until the server's own handlers are installed a signal just ends the worker: nothing serves
+    # yet. os._exit, not sys.exit: a SystemExit raised while a C extension initialises (numpy,
+    # onnxruntime) surfaces as "ImportError: initialization failed" and a traceback, exit 1.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     _die_with_parent()
     if os.getppid() != parent_pid:
         sys.exit(0)
