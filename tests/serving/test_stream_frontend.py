@@ -181,8 +181,10 @@ def test_states_and_detections_of_a_step_batch_equal_each_stream_on_its_own(vers
                 assert (mine is None) == (theirs is None)
                 if mine is not None:
                     np.testing.assert_allclose(mine, theirs, atol=1e-5)
+            # state_max holds running maxima of raw logits (up to ~30): float32 bits of a batched
+            # ONNX Runtime call differ relative to the value, so a relative term beside the 1e-5.
             for name, value in alone[i].state.items():
-                np.testing.assert_allclose(batched[i].state[name], value, atol=1e-5)
+                np.testing.assert_allclose(batched[i].state[name], value, atol=1e-5, rtol=1e-6)
             np.testing.assert_array_equal(batched[i].pending, alone[i].pending)
             mine, theirs = batched[i].detector_state, alone[i].detector_state
             for name in ("frames", "history_frames", "open", "first", "last", "refractory_until_ms"):
