@@ -40,7 +40,9 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str],
              "empty answer per chunk) runs in the same run with the same client; levels are interleaved. "
              + ("Each stream has its own connection and start." if not stream_load.get("connections") else
                 f"The streams share {stream_load['connections']} connections and start in "
-                f"{stream_load.get('start_groups') or 'their own'} groups."), "",
+                f"{stream_load.get('start_groups') or 'their own'} groups.")
+             + (f" Measured {stream_load['measured_at']}, one run per level (no repeats: a level near the limit "
+                "can pass in one run and fail in the next)." if stream_load.get("measured_at") else ""), "",
              "Modes: `typed` answers every chunk; `typed-1s` asks for `report_every_ms` 1000 (responses on "
              "detections and once a second); `kserve` answers every request. `rnnserve per-stream` is the same "
              "server with `--stream-batch-max-rows 1`: every stream's step is its own step.onnx call. Rows per "

@@ -211,6 +211,7 @@ def main() -> int:
     starters["transport only"] = transport_only.start
     names = names_of(args.servers)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "client": "benchmarks/loadgen (Go)",
+              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "chunk_ms": 100, "recordings": args.recordings, "seconds_per_stream": args.seconds,
               "p99_limit_ms": P99_LIMIT_MS, "connections": args.connections, "start_groups": args.start_groups,
               "servers": {}}
