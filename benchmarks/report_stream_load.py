@@ -45,7 +45,8 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str],
                 "can pass in one run and fail in the next)." if stream_load.get("measured_at") else ""), "",
              "Modes: `typed` answers every chunk; `typed-1s` asks for `report_every_ms` 1000 (responses on "
              "detections and once a second); `kserve` answers every request. `rnnserve per-stream` is the same "
-             "server with `--stream-batch-max-rows 1`: every stream's step is its own step.onnx call. Rows per "
+             "server with `--stream-batch-max-rows 1 --stream-instances 0`: every stream's step is its own step.onnx "
+             "call, on as many step instances as the model has (two calls at once on 2 cores). Rows per "
              "step call come from the server's `rnnserve_batch_rows` metric over each level.", "",
              "| server | mode | largest passing level | levels (p99 ms; ✗ failed) | rows per step call, by level "
              "| keyword end to detection, p50 (ms) | client CPU at the last level (cores) |",

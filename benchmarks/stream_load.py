@@ -92,8 +92,9 @@ def outcome(stream: dict) -> list:
 MODES = {"typed": ("typed", ()), "kserve": ("kserve", ()), "typed-1s": ("typed", ("-report-every-ms", "1000"))}
 # The servers a run can hold: rnnserve with cellular batching (every stream step waiting at one
 # moment in one step.onnx call, up to 256 rows), rnnserve running each stream's step on its own
-# (--stream-batch-max-rows 1), and the do-nothing transport-only server.
-SERVERS = {"rnnserve": (), "rnnserve per-stream": ("--stream-batch-max-rows", "1")}
+# (--stream-batch-max-rows 1) on the model's instances (--stream-instances 0: two step calls at
+# once on 2 cores, per-stream execution's better setting), and the do-nothing transport-only server.
+SERVERS = {"rnnserve": (), "rnnserve per-stream": ("--stream-batch-max-rows", "1", "--stream-instances", "0")}
 # The modes each server runs (rnnserve: all): per-stream execution is compared on typed streams,
 # the transport ceiling on both protocols.
 SERVER_MODES = {"rnnserve per-stream": {"typed"}, "transport only": {"typed", "kserve"}}
@@ -171,7 +172,8 @@ def main() -> int:
                         help="typed (RnnServe.Stream, a response per chunk), kserve (sequences), typed-1s "
                              "(report_every_ms 1000: responses on detections and once a second)")
     parser.add_argument("--servers", default="rnnserve,rnnserve per-stream,transport only",
-                        help="rnnserve (cellular batching), rnnserve per-stream (--stream-batch-max-rows 1), "
+                        help="rnnserve (cellular batching), rnnserve per-stream (--stream-batch-max-rows 1 "
+                             "--stream-instances 0), "
                              "transport only")
     parser.add_argument("--recordings", type=int, default=4, help="distinct recordings the streams play")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each recording (one stream)")
