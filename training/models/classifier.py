@@ -31,6 +31,15 @@ class ClassifierConfig:
     # keyword spotter's per-frame scores, pooled over a clip).
     pooling: str = "last"
     pad_id: int = 0
+    # Text read in independent chunks of this many tokens through the one recurrent encoder,
+    # pooled over all real positions of all chunks: a long text costs chunk_tokens sequential
+    # steps rather than its length. 0 reads the text as one sequence. Chunked models do not
+    # stream (a stream's state would run across chunk borders).
+    chunk_tokens: int = 0
+    # AWD-LSTM regularisation, training only: drop whole rows of the embedding table (every
+    # occurrence of a token in a batch at once), and DropConnect on the hidden-to-hidden weights.
+    embedding_dropout: float = 0.0
+    weight_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.vocab_size > 0) == (self.feature_dim > 0):
@@ -41,6 +50,11 @@ class ClassifierConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.bidirectional and self.pooling in ("last", "frame_max"):
             raise ValueError(f"pooling={self.pooling!r} needs a unidirectional model; use mean or max")
+        chunked = self.chunk_tokens != 0
+        if self.chunk_tokens < 0 or (chunked and (not self.vocab_size or self.pooling not in ("mean", "max"))):
+            raise ValueError("chunk_tokens needs a text model with mean or max pooling")
+        if self.chunk_tokens and self.bidirectional:
+            raise ValueError("chunk_tokens needs a unidirectional model")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,28 +100,56 @@ class RNNClassifier(nn.Module):
         """
         embedded = self.encode(inputs)
         if frames:
-            if self.config.bidirectional:
-                raise ValueError("per-step outputs need a unidirectional model")
-            return self.head(self.dropout(self.rnn(embedded)[0]))
+            if self.config.bidirectional or self.config.chunk_tokens:
+                raise ValueError("per-step outputs need a unidirectional model that reads its input whole")
+            return self.head(self.dropout(self.recur(embedded)[0]))
         if self.config.pooling == "frame_max":
-            frame_logits = self.head(self.dropout(self.rnn(embedded)[0]))
+            frame_logits = self.head(self.dropout(self.recur(embedded)[0]))
             return self.pool(frame_logits, lengths, "max")
-        if self.config.bidirectional and not self.exporting:
+        if self.config.chunk_tokens:
+            outputs = self.recur_chunks(embedded)
+        elif self.config.bidirectional and not self.exporting:
             packed = nn.utils.rnn.pack_padded_sequence(
                 embedded, lengths.cpu(), batch_first=True, enforce_sorted=False
             )
             outputs, _ = nn.utils.rnn.pad_packed_sequence(
-                self.rnn(packed)[0], batch_first=True, total_length=inputs.shape[1]
+                self.recur(packed)[0], batch_first=True, total_length=inputs.shape[1]
             )
         else:
-            outputs, _ = self.rnn(embedded)
+            outputs, _ = self.recur(embedded)
         return self.head(self.dropout(self.pool(outputs, lengths, self.config.pooling)))
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Token embeddings or normalised features [B, T, input size], before the RNN."""
-        if self.config.vocab_size:
-            return self.dropout(self.embedding(inputs))
-        return self.dropout((inputs - self.feature_mean) / self.feature_std)
+        if not self.config.vocab_size:
+            return self.dropout((inputs - self.feature_mean) / self.feature_std)
+        rate = self.config.embedding_dropout
+        if self.training and rate:
+            table = self.embedding.weight
+            keep = torch.empty(table.shape[0], 1, device=table.device).bernoulli_(1 - rate) / (1 - rate)
+            return self.dropout(nn.functional.embedding(inputs, table * keep, self.config.pad_id))
+        return self.dropout(self.embedding(inputs))
+
+    def recur(self, inputs, initial=None):
+        """The recurrent layers, with DropConnect on their hidden-to-hidden weights in training."""
+        rate = self.config.weight_dropout
+        arguments = (inputs,) if initial is None else (inputs, initial)
+        if not (self.training and rate):
+            return self.rnn(*arguments)
+        dropped = {name: nn.functional.dropout(weight, rate) for name, weight in self.rnn.named_parameters()
+                   if name.startswith("weight_hh")}
+        return torch.func.functional_call(self.rnn, dropped, arguments)
+
+    def recur_chunks(self, embedded: torch.Tensor) -> torch.Tensor:
+        """[B, T, E] -> RNN outputs [B, T, D], each run of chunk_tokens positions read on its
+        own from a zero state. Chunks start at fixed positions, so padding at the end of a row
+        never changes its real positions' outputs."""
+        size = self.config.chunk_tokens
+        batch, time, width = embedded.shape
+        chunks = (time + size - 1) // size
+        padded = nn.functional.pad(embedded, (0, 0, 0, chunks * size - time))
+        outputs, _ = self.recur(padded.reshape(batch * chunks, size, width))
+        return outputs.reshape(batch, chunks * size, outputs.shape[-1])[:, :time]
 
     @staticmethod
     def pool(outputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
