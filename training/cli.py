@@ -33,7 +33,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--hidden-size", type=int)
     train.add_argument("--embedding-dim", type=int)
     train.add_argument("--num-layers", type=int)
-    train.add_argument("--pooling", choices=["last", "mean", "max", "frame_max"])
+    train.add_argument("--pooling", choices=["last", "mean", "max", "max_mean", "frame_max"])
     train.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
                        help="bidirectional RNN (batch only; needs --pooling mean or max)")
     train.add_argument("--dropout", type=float)
@@ -117,6 +117,9 @@ def _train(args: argparse.Namespace) -> int:
     config = replace(config, **{
         f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None
     })
+    if spec.modality == "audio" and config.seeds > 1:
+        print("error: --seeds trains text models; a keyword spotter trains one seed", file=sys.stderr)
+        return 2
     model = dict(spec.model, **(spec.quick_model if args.quick else {}))
     for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional",
                  "chunk_tokens", "embedding_dropout", "weight_dropout"):
@@ -221,6 +224,12 @@ def _print_run(run_dir: Path) -> None:
     print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"(baseline {baseline['accuracy']:.4f} / {baseline['macro_f1']:.4f}) "
           f"in {run['training_seconds']:.0f} s")
+    if "seeds" in run:
+        seeds = run["seeds"]
+        print(f"{len(seeds['seeds'])} seeds: test accuracy {seeds['test_accuracy_mean']:.4f} +- "
+              f"{seeds['test_accuracy_std']:.4f}, macro-F1 {seeds['test_macro_f1_mean']:.4f} +- "
+              f"{seeds['test_macro_f1_std']:.4f}; chose seed {seeds['chosen_seed']} on validation "
+              f"({seeds['training_seconds_total']:.0f} s in all)")
     for name, extra in run.get("evaluations", {}).items():
         print(f"{name}: accuracy {extra['accuracy']:.4f}, macro-F1 {extra['macro_f1']:.4f}")
 

@@ -41,11 +41,11 @@ def test_dedup_keeps_different_texts_on_the_same_subject():
     assert find_duplicates(texts, threshold=0.9).kept == list(range(30))
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 4, 7])
-def test_chunked_encoder_gives_the_same_logits_alone_and_in_a_batch(chunk_tokens):
+@pytest.mark.parametrize(("chunk_tokens", "pooling"), [(1, "max"), (4, "max_mean"), (7, "mean")])
+def test_chunked_encoder_gives_the_same_logits_alone_and_in_a_batch(chunk_tokens, pooling):
     torch.manual_seed(0)
     model = RNNClassifier(ClassifierConfig(
-        num_classes=3, vocab_size=40, cell="gru", embedding_dim=8, hidden_size=6, pooling="max",
+        num_classes=3, vocab_size=40, cell="gru", embedding_dim=8, hidden_size=6, pooling=pooling,
         chunk_tokens=chunk_tokens, embedding_dropout=0.1, weight_dropout=0.2,
     )).eval()
     lengths = torch.tensor([23, 1, 7, 8, 15])
@@ -62,6 +62,8 @@ def test_chunked_encoder_gives_the_same_logits_alone_and_in_a_batch(chunk_tokens
 def test_chunked_model_does_not_stream():
     with pytest.raises(ValueError, match="unidirectional"):
         ClassifierConfig(num_classes=2, vocab_size=10, bidirectional=True, pooling="max", chunk_tokens=8)
+    with pytest.raises(ValueError, match="batch-only"):
+        ClassifierConfig(num_classes=2, vocab_size=10, pooling="max_mean")
     model = RNNClassifier(ClassifierConfig(num_classes=2, vocab_size=10, pooling="max", chunk_tokens=4))
     with pytest.raises(ValueError, match="whole"):
         model(torch.ones(1, 5, dtype=torch.int64), torch.tensor([5]), frames=True)

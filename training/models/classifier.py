@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
-POOLINGS = ("last", "mean", "max", "frame_max")
+POOLINGS = ("last", "mean", "max", "max_mean", "frame_max")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class ClassifierConfig:
     # "last" reads the output at position length-1; "mean"/"max" pool the RNN outputs over the
     # real (unpadded) positions only, so padding never changes a result; "frame_max" applies the
     # head to every frame and takes each class's largest logit over the real positions (a
-    # keyword spotter's per-frame scores, pooled over a clip).
+    # keyword spotter's per-frame scores, pooled over a clip); "max_mean" concatenates the max and
+    # the mean (the mean's gradient reaches every position, the max's only the largest) in
+    # batch-only models.
     pooling: str = "last"
     pad_id: int = 0
     # Text read in independent chunks of this many tokens through the one recurrent encoder,
@@ -50,9 +52,11 @@ class ClassifierConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.bidirectional and self.pooling in ("last", "frame_max"):
             raise ValueError(f"pooling={self.pooling!r} needs a unidirectional model; use mean or max")
-        chunked = self.chunk_tokens != 0
-        if self.chunk_tokens < 0 or (chunked and (not self.vocab_size or self.pooling not in ("mean", "max"))):
-            raise ValueError("chunk_tokens needs a text model with mean or max pooling")
+        pools_positions = self.pooling in ("mean", "max", "max_mean")
+        if self.chunk_tokens < 0 or (self.chunk_tokens and not (self.vocab_size and pools_positions)):
+            raise ValueError("chunk_tokens needs a text model with mean, max or max_mean pooling")
+        if self.pooling == "max_mean" and not (self.bidirectional or self.chunk_tokens):
+            raise ValueError("pooling='max_mean' is for batch-only (bidirectional or chunked) models")
         if self.chunk_tokens and self.bidirectional:
             raise ValueError("chunk_tokens needs a unidirectional model")
 
@@ -85,7 +89,8 @@ class RNNClassifier(nn.Module):
         )
         directions = 2 if config.bidirectional else 1
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size * directions, config.num_classes)
+        pooled = 2 if config.pooling == "max_mean" else 1
+        self.head = nn.Linear(config.hidden_size * directions * pooled, config.num_classes)
         # Set while exporting: packed sequences do not export, so a bidirectional model runs
         # its RNN unpacked and export wires the ONNX operator's sequence_lens input instead,
         # which gives the backward direction the same start as packing does.
@@ -157,6 +162,9 @@ class RNNClassifier(nn.Module):
         if pooling == "last":
             index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
             return outputs.gather(1, index).squeeze(1)
+        if pooling == "max_mean":
+            pools = [RNNClassifier.pool(outputs, lengths, "max"), RNNClassifier.pool(outputs, lengths, "mean")]
+            return torch.cat(pools, dim=-1)
         positions = torch.arange(outputs.shape[1], device=outputs.device).unsqueeze(0)
         valid = (positions < lengths.unsqueeze(1)).unsqueeze(-1)
         if pooling == "mean":
