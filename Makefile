@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_STARTED := $(shell date +%s)
 SOAK_SECONDS ?= 60
 
-.PHONY: serve test lint protos models bench soak container-test clean
+.PHONY: serve test lint protos models loadgen bench soak container-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,14 @@ serve: $(VENV)/.installed-serve ## serve the bundled models/ on 127.0.0.1:50051
 test: $(VENV)/.installed-dev ## run the whole default test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-dev ## ruff, and fail if the generated protobuf code is stale
+lint: $(VENV)/.installed-dev ## ruff, gofmt, and fail if the generated protobuf code is stale
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
+	@if command -v gofmt >/dev/null; then unformatted=$$(gofmt -l benchmarks/loadgen/src/rnnserve/loadgen); \
+	  if [ -n "$$unformatted" ]; then echo "gofmt: not formatted: $$unformatted"; exit 1; fi; \
+	else echo "gofmt not installed: Go formatting not checked (apt-get install golang-go)"; fi
 
-protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated from protos/
+protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated (and the load generator's Go code) from protos/
 	$(BIN)/python protos/generate.py
 
 models: $(VENV)/.installed-dev ## retrain the bundled models and export them as new versions in models/
@@ -48,9 +51,14 @@ models: $(VENV)/.installed-dev ## retrain the bundled models and export them as 
 container-test: $(VENV)/.installed-dev ## build the CPU image with podman, smoke-test it, print its size
 	PYTHON=$(BIN)/python bash deploy/docker/container-test.sh
 
+# Offline, in GOPATH mode, from the repository and Debian's golang-go and golang-google-grpc-dev.
+loadgen: $(VENV)/.installed-serve ## build the Go stream load generator: benchmarks/loadgen/bin/loadgen
+	$(BIN)/python benchmarks/stream_load.py --build-only
+
 bench: $(VENV)/.installed-dev ## benchmarks side by side in one run: BENCHMARKS.md, benchmarks/plots, benchmarks/results
 	(command -v podman >/dev/null && podman image exists localhost/rnnserve:cpu) || $(MAKE) container-test \
 	  || echo "bench: the CPU image could not be built; BENCHMARKS.md reports its size as missing"
+	$(MAKE) loadgen || echo "bench: the stream load generator could not be built; BENCHMARKS.md says why"
 	RNNSERVE_BENCH_STARTED=$(BENCH_STARTED) PYTHON=$(PYTHON) $(BIN)/rnnserve bench
 
 soak: $(VENV)/.installed-dev ## mixed load on a real server for SOAK_SECONDS (default 60; 10 min: make soak SOAK_SECONDS=600)

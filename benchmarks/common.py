@@ -1,8 +1,13 @@
-"""Pieces the benchmarks share: starting a server and driving a closed-loop tritonclient load."""
+"""Pieces the benchmarks share: starting a server (rnnserve or a peer in its own venv), its CPU
+time, and driving a closed-loop tritonclient load."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".bench-venvs"
+# PyTriton's Python backend needs this interpreter's libpython.
+LIBPYTHON = Path(sys.base_prefix) / "lib"
 
 
 def summary(values: list[float]) -> dict:
@@ -21,6 +29,12 @@ def summary(values: list[float]) -> dict:
     import statistics
 
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
+def write_results(path: Path, report: dict) -> None:
+    """A benchmark's results as indented JSON (benchmarks/results/NAME.json unless told otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
@@ -37,6 +51,121 @@ def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
     server.kill()
     raise RuntimeError(Path(log.name).read_text()[-2000:])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            ticks += int(stats[current][11]) + int(stats[current][12])
+        todo.extend(children.get(current, []))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def free_port_block(count: int = 3) -> int:
+    """A port p on 127.0.0.1 with p .. p + count - 1 all free now (peers bind gRPC, HTTP and
+    metrics side by side)."""
+    for base in range(20_000 + os.getpid() % 1000 * 10, 60_000, 10):
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                sockets.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in sockets:
+                probe.close()
+    raise RuntimeError(f"no {count} free ports in a row on 127.0.0.1")
+
+
+def start_server(name: str, model: Path, port: int, work: Path, rnnserve_flags: tuple[str, ...] = (),
+                 instances: int = 1, intra_op_threads: int = 0, parallel_workers: int = 0) -> subprocess.Popen:
+    """One server on 127.0.0.1:port serving the ONNX file `model` as `lstm` (rnnserve: the
+    repository three folders up, with rnnserve_flags); in its own session so that stop() ends its
+    whole tree. PyTriton gets `instances` sessions of `intra_op_threads` threads (0: ONNX Runtime's
+    default); MLServer gets `parallel_workers` worker processes (0: inference in the server process).
+    "floor" is benchmarks/transport_only.py answering work/floor_response.bin to every ModelInfer.
+    Its output goes to work/NAME.log."""
+    handle = open(work / f"{name}.log", "w")
+    if name == "floor":
+        command = [sys.executable, str(ROOT / "benchmarks" / "transport_only.py"), "--port", str(port),
+                   "--response", str(work / "floor_response.bin")]
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    if name == "rnnserve":
+        command = [sys.executable, "-m", "serving", "serve", "--models", str(model.parent.parent.parent),
+                   "--port", str(port), *rnnserve_flags]
+        return subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    python = VENVS / name / "bin" / "python"
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: run bash benchmarks/setup_peers.sh")
+    if name == "pytriton":
+        environment = {**os.environ, "LD_LIBRARY_PATH": f"{LIBPYTHON}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        command = [str(python), str(ROOT / "benchmarks" / "peers" / "pytriton_server.py"), str(model), str(port),
+                   str(instances), str(intra_op_threads)]
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
+                                start_new_session=True)
+    folder = work / "mlserver"
+    folder.mkdir(exist_ok=True)
+    (folder / "mlserver_runtime.py").write_text((ROOT / "benchmarks" / "peers" / "mlserver_runtime.py").read_text())
+    (folder / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1",  # MLServer's default is 0.0.0.0 for its gRPC, HTTP and metrics servers
+        "grpc_port": port, "http_port": port + 1, "metrics_port": port + 2, "parallel_workers": parallel_workers}))
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": "lstm", "implementation": "mlserver_runtime.OnnxLstm", "max_batch_size": 32,
+        "max_batch_time": 0.005, "parameters": {"uri": str(model), "extra": {"intra_op_threads": intra_op_threads}}}))
+    return subprocess.Popen([str(VENVS / name / "bin" / "mlserver"), "start", str(folder)], cwd=folder,
+                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(target: str, process: subprocess.Popen, log: Path, model: str | None = "lstm",
+               seconds: float = 180) -> None:
+    """Until the KServe v2 ModelReady of `model` says yes (model None: until the port accepts a
+    connection); raises with the log's tail when the process exits or time runs out."""
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(target) if model else None
+    host, port = target.rsplit(":", 1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if client is None:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            if client.is_model_ready(model):
+                return
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"not ready after {seconds:g} s: {log.read_text()[-1500:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # every server runs in its own session
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
 
 
 def closed_loop(target: str, model: str, threads: int, seconds: float, make_input: Callable[[int], object],

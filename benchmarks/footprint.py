@@ -11,7 +11,6 @@ exists (make container-test builds it). Writes benchmarks/results/footprint.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import summary  # noqa: E402  (benchmarks/ is not a package)
+from common import summary, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 50095
@@ -100,8 +99,7 @@ def main() -> int:
         "rss_ready_mib": statistics.median(rss_ready), "rss_after_requests_mib": statistics.median(rss_used),
         "image_mb": image,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"start to ready: {report['start_to_ready_s']['median']:.2f} s (min {min(ready):.2f}, max {max(ready):.2f})")
     print(f"RSS ready {report['rss_ready_mib']:.0f} MiB, after requests {report['rss_after_requests_mib']:.0f} MiB")
     print(f"image: {image:.0f} MB" if image else "image: not built here (make container-test)")

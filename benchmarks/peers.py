@@ -16,10 +16,8 @@ Writes benchmarks/results/peers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,51 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop, profile, summary  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, profile, start_server, stop, summary, tree_cpu_seconds, wait_ready, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
-VENVS = ROOT / ".bench-venvs"
 THREADS, WARMUP_S = 32, 3.0
-LIBPYTHON = Path(sys.base_prefix) / "lib"
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    ticks, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        if current in stats:
-            ticks += int(stats[current][11]) + int(stats[current][12])
-        todo.extend(children.get(current, []))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_ready(target: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    import tritonclient.grpc as triton
-
-    client = triton.InferenceServerClient(target)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with {process.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if client.is_model_ready("lstm"):
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"not ready after {seconds:g} s: {log.read_text()[-1500:]}")
+RNNSERVE_FLAGS = ("--batch-max-rows", "32", "--batch-max-delay-ms", "5")
 
 
 def drive(target: str, seconds: float, on_window_start=None) -> dict:
@@ -126,41 +84,9 @@ def model_alone(model: Path, seconds: float = 3.0) -> dict:
 
 
 def start(name: str, model: Path, port: int, work: Path) -> subprocess.Popen:
-    log = work / f"{name}.log"
-    handle = open(log, "w")
-    if name == "rnnserve":
-        command = [sys.executable, "-m", "serving", "serve", "--models", str(model.parent.parent.parent),
-                   "--port", str(port), "--batch-max-rows", "32", "--batch-max-delay-ms", "5"]
-        return subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    python = VENVS / name / "bin" / "python"
-    if not python.exists():
-        raise FileNotFoundError(f"{python} missing: run bash benchmarks/setup_peers.sh")
-    if name == "pytriton":
-        environment = {**os.environ, "LD_LIBRARY_PATH": f"{LIBPYTHON}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        command = [str(python), str(ROOT / "benchmarks" / "peers" / "pytriton_server.py"), str(model), str(port)]
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
-                                start_new_session=True)
-    folder = work / "mlserver"
-    folder.mkdir(exist_ok=True)
-    (folder / "mlserver_runtime.py").write_text((ROOT / "benchmarks" / "peers" / "mlserver_runtime.py").read_text())
-    # parallel_workers 0: MLServer's worker pool fails to start on this Python ("no current event
-    # loop" in the worker); inference then runs in the server process.
-    (folder / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1",  # MLServer's default is 0.0.0.0 for its gRPC, HTTP and metrics servers
-        "grpc_port": port, "http_port": port + 1, "metrics_port": port + 2, "parallel_workers": 0}))
-    (folder / "model-settings.json").write_text(json.dumps({
-        "name": "lstm", "implementation": "mlserver_runtime.OnnxLstm", "max_batch_size": 32,
-        "max_batch_time": 0.005, "parameters": {"uri": str(model)}}))
-    return subprocess.Popen([str(VENVS / name / "bin" / "mlserver"), "start", str(folder)], cwd=folder,
-                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)  # every server runs in its own session
-        process.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        process.kill()
+    # MLServer with parallel_workers 0 (inference in the server process), as in every earlier run
+    # of this view; servers.py measures it with parallel workers too.
+    return start_server(name, model, port, work, rnnserve_flags=RNNSERVE_FLAGS)
 
 
 def main() -> int:
@@ -265,8 +191,7 @@ def main() -> int:
     if "rnnserve" in table and "pytriton" in table:
         report["rnnserve_vs_pytriton_throughput"] = (
             table["rnnserve"]["throughput_rps"]["median"] / table["pytriton"]["throughput_rps"]["median"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     for name, row in table.items():
         print(f"{name:<9} median {row['throughput_rps']['median']:7.0f} req/s, p99 {row['p99_ms']['median']:6.1f} ms,"
               f" CPU {row['server_cpu_cores']['median']:.2f} cores")

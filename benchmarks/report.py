@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report_stream_load  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,6 +119,27 @@ def plot_peers(peers: dict) -> str:
     return _save(figure, "peers.png")
 
 
+def plot_servers(servers: dict) -> str:
+    plt = _plt()
+    best = servers["best"]
+    names = list(best)
+    rows = [servers["configs"][best[name]]["summary"] for name in names]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, key, label in ((left, "throughput_rps", "requests/s"),
+                             (right, "server_cpu_ms_per_request", "server CPU ms per request")):
+        values = [row[key] for row in rows]
+        axis.bar(range(len(names)), [v["median"] for v in values],
+                 yerr=[[v["median"] - v["min"] for v in values], [v["max"] - v["median"] for v in values]], capsize=4)
+        axis.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        axis.set_ylabel(label)
+        axis.grid(axis="y", alpha=0.3)
+    left.axhline(servers["ceiling"]["tried"][servers["ceiling"]["best"]]["median"], color="grey", linestyle="--",
+                 linewidth=1, label="in-process ceiling (rows/s)")
+    left.legend(fontsize=8)
+    figure.suptitle(f"best configuration per server, h2load, {servers['load']['in_flight']} requests in flight")
+    return _save(figure, "servers.png")
+
+
 def plot_streams(streams: dict) -> str:
     plt = _plt()
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
@@ -164,7 +189,7 @@ def profile_table(profile: dict | None) -> list[str]:
 
 def section_runtime(runtime: dict | None) -> tuple[list[str], dict]:
     if runtime is None:
-        return ["## 1. Runtime", "", "Not measured in this run (benchmarks/results/runtime.json missing)."], {}
+        return ["## 1. Runtime", "", "Not measured in this run (benchmarks/results/runtime.json missing).", ""], {}
     lines = ["## 1. Runtime: PyTorch eager vs ONNX Runtime fp32 vs INT8", "",
              f"One thread per runtime; rows/s, median of {runtime.get('repeats', 3)} repeats (min–max). "
              f"torch {runtime['machine']['torch']}, onnxruntime {runtime['machine']['onnxruntime']}. "
@@ -190,7 +215,7 @@ def section_runtime(runtime: dict | None) -> tuple[list[str], dict]:
 
 def section_unary(unary: dict | None) -> list[str]:
     if unary is None:
-        return ["## 2. Server unary", "", "Not measured in this run."]
+        return ["## 2. Server unary", "", "Not measured in this run.", ""]
     summary = unary["summary"]
     levels = list(next(iter(summary.values())))
     lines = ["## 2. Server unary: throughput and latency against concurrency", "",
@@ -212,11 +237,107 @@ def section_unary(unary: dict | None) -> list[str]:
     return lines
 
 
+SERVER_COLUMNS = "req/s | p50 ms | p99 ms | server CPU (cores) | CPU ms per request"
+
+
+def server_cells(measured: dict) -> str:
+    """The SERVER_COLUMNS cells of one configuration's summary."""
+    return (f"{span(measured['throughput_rps'])} | {span(measured['p50_ms'], 1)} | {span(measured['p99_ms'], 1)} | "
+            f"{span(measured['server_cpu_cores'], 2)} | {span(measured['server_cpu_ms_per_request'], 2)}")
+
+
+def config_flags(config: dict) -> str:
+    """What was set for one configuration, as the report shows it."""
+    if config["server"] == "pytriton":
+        return f"instances {config['instances']}, threads {config['intra_op_threads'] or 'default'}"
+    if config["server"] == "mlserver":
+        return f"parallel_workers {config['parallel_workers']}, threads {config['intra_op_threads'] or 'default'}"
+    return " ".join(config["flags"]) or "(none)"
+
+
+def failed_rows(failures: dict, columns: int) -> list[str]:
+    return [f"| {label} | not measured: {reason.splitlines()[0][:200]} |" + " |" * (columns - 2)
+            for label, reason in failures.items()]
+
+
+def section_servers(servers: dict | None) -> tuple[list[str], dict]:
+    """The server-side view: h2load against every server, best configuration and all tried."""
+    title = "## 3. Servers measured at the server: h2load against rnnserve, PyTriton, MLServer and a bare gRPC server"
+    if servers is None or servers.get("unavailable"):
+        why = servers["unavailable"] if servers else "benchmarks/results/servers.json missing"
+        return [title, "", f"Not measured in this run: {why}.", ""], {}
+    load_, configs, best = servers["load"], servers["configs"], servers["best"]
+    top = servers["ceiling"]["tried"][servers["ceiling"]["best"]]["median"]
+    fronts = (f"rnnserve's gRPC fronts side by side: {', '.join(servers['fronts'])}." if servers["front_flag"]
+              else "This rnnserve has no `--grpc-front`: its one front (grpcio) is measured.")
+    lines = [title, ""] + (["**A smoke run (`--quick`): windows too short to quote.**", ""] if load_["quick"] else [])
+    if servers.get("measured_at"):
+        lines += [f"Measured {servers['measured_at']} (this section's own run: its numbers compare with each "
+                  "other, not with sections measured at another time).", ""]
+    lines += [
+        f"Model: {servers['model']}. Load: {servers['machine'].get('h2load', 'h2load')} with {load_['in_flight']} "
+        f"requests in flight ({load_['connections']} HTTP/2 connections x {load_['streams_per_connection']} streams), "
+        "every request the same prebuilt gRPC ModelInfer body (KServe v2, one row of `ids` in raw_input_contents); "
+        f"{load_['warmup_s']:g} s warm-up then {load_['seconds']:g} s measured, {load_['repeats']} repeat(s) "
+        "interleaved (median, min–max). Each server answered the body with grpc-status 0 (curl) before and after "
+        "its window, and every measured request got a response body. Latencies are h2load's per-request log; "
+        "server CPU is the server process tree's user+system time over the window. The in-process ceiling is the "
+        f"model alone in ONNX Runtime, best of sessions x threads x batch: {top:,.0f} rows/s "
+        f"({servers['ceiling']['best']}). {fronts} Alone: `bash benchmarks/setup_peers.sh && "
+        "python benchmarks/servers.py` (benchmarks/README.md).", ""]
+    pytriton = configs[best["PyTriton"]]["summary"] if "PyTriton" in best else None
+    lines += ["**Best configuration per server**", "",
+              f"| server | best configuration | {SERVER_COLUMNS} | of the ceiling | req/s vs best PyTriton "
+              "| CPU per request vs best PyTriton |", "|" + "---|" * 10]
+    for group, label in best.items():
+        row = configs[label]["summary"]
+        versus = (f"{row['throughput_rps']['median'] / pytriton['throughput_rps']['median']:.2f}x | "
+                  f"{row['server_cpu_ms_per_request']['median'] / pytriton['server_cpu_ms_per_request']['median']:.2f}x"
+                  if pytriton else "— | —")
+        # The floor runs no model: a fraction of the model's ceiling says nothing of it.
+        of_ceiling = ("—" if configs[label]["config"]["server"] == "floor"
+                      else f"{row['throughput_rps']['median'] / top:.2f}")
+        lines.append(f"| {group} | {label.split(': ', 1)[-1]} | {server_cells(row)} | {of_ceiling} | {versus} |")
+    lines += ["", "**Every configuration tried**", "",
+              f"| configuration | settings | {SERVER_COLUMNS} | h2load CPU (cores) | errors |", "|" + "---|" * 9]
+    lines += [f"| {label} | `{config_flags(row['config'])}` | {server_cells(row['summary'])} | "
+              f"{span(row['summary']['client_cpu_cores'], 2)} | {row['errors']} |" for label, row in configs.items()]
+    lines += failed_rows(servers["failures"], 9)
+    lines += ["", "In-process ceiling, rows/s: " + "; ".join(
+        f"{label} {span(value)}" for label, value in servers["ceiling"]["tried"].items()) + ".", ""]
+    text = servers.get("text")
+    if text:
+        text_top = text["ceiling"]["tried"][text["ceiling"]["best"]]["median"]
+        lines += [f"**`{text['model']}` over the KServe v2 text path** (`text` BYTES [1], the one text "
+                  f"\"{text['text']}\" in every request), with each front's best settings above. Its in-process "
+                  f"ceiling is the data plane's classify, tokenisation included: {text_top:,.0f} rows/s "
+                  f"({text['ceiling']['best']}).", "",
+                  f"| configuration | {SERVER_COLUMNS} | of its ceiling |", "|" + "---|" * 7]
+        lines += [f"| {label} | {server_cells(row['summary'])} | "
+                  f"{row['summary']['throughput_rps']['median'] / text_top:.2f} |"
+                  for label, row in text["configs"].items()]
+        lines += failed_rows(text["failures"], 7) + [""]
+    lines += [f"![servers]({plot_servers(servers)})", ""]
+    ours = [configs[label]["summary"] for group, label in best.items() if group.startswith("rnnserve")]
+    if not ours or not pytriton:
+        return lines, {}
+    mine = max(ours, key=lambda row: row["throughput_rps"]["median"])
+    facts = {"pytriton": (mine["throughput_rps"]["median"] / pytriton["throughput_rps"]["median"],
+                          mine["p99_ms"]["median"] <= pytriton["p99_ms"]["median"]),
+             "of_ceiling": mine["throughput_rps"]["median"] / top}
+    grpcio = [configs[label]["summary"] for group, label in best.items() if group == "rnnserve, grpcio front"]
+    if grpcio:
+        facts["grpcio_pytriton"] = grpcio[0]["throughput_rps"]["median"] / pytriton["throughput_rps"]["median"]
+    return lines, facts
+
+
 def section_peers(peers: dict | None) -> tuple[list[str], dict]:
     if peers is None:
-        return ["## 3. Peers", "", "Not measured in this run (benchmarks/results/peers.json missing)."], {}
+        return ["## 4. Peers, the Python-client view", "",
+                "Not measured in this run (benchmarks/results/peers.json missing).", ""], {}
     load_ = peers["load"]
-    lines = ["## 3. Peers on the same ONNX file: rnnserve vs Triton (PyTriton) vs MLServer", "",
+    lines = ["## 4. Peers, the Python-client view: rnnserve vs Triton (PyTriton) vs MLServer through tritonclient",
+             "",
              f"Model: {peers['model']}. Load: {load_['threads']} closed-loop tritonclient threads, "
              f"{load_['rows_per_request']} row per request, {load_['warmup_s']:g} s warm-up then "
              f"{load_['seconds']:g} s, {load_['repeats']} repeats (median, min–max). "
@@ -254,8 +375,8 @@ def section_peers(peers: dict | None) -> tuple[list[str], dict]:
 
 def section_streams(streams: dict | None) -> tuple[list[str], dict]:
     if streams is None:
-        return ["## 4. Streaming", "", "Not measured in this run."], {}
-    lines = ["## 4. Streaming: concurrent real-time audio streams on `keywords`", "",
+        return ["## 5b. Streaming with the Python client", "", "Not measured in this run.", ""], {}
+    lines = ["## 5b. Streaming with the Python client: concurrent real-time audio streams on `keywords`", "",
              f"Each stream sends {streams['chunk_ms']:g} ms PCM16 chunks at real-time pace and gets a response per "
              f"chunk; a level passes when the median over {streams['repeats']} repeats of the p99 chunk latency is "
              f"<= 100 ms and the client keeps pace ({streams['seconds_per_level']:g} s per window). Levels are tried "
@@ -281,8 +402,8 @@ def section_streams(streams: dict | None) -> tuple[list[str], dict]:
 
 def section_scoring(scoring: dict | None) -> tuple[list[str], dict]:
     if scoring is None:
-        return ["## 5. Batch scoring", "", "Not measured in this run."], {}
-    lines = ["## 5. Batch scoring: `rnnserve score` against the in-process ceiling", "",
+        return ["## 6. Batch scoring", "", "Not measured in this run.", ""], {}
+    lines = ["## 6. Batch scoring: `rnnserve score` against the in-process ceiling", "",
              f"{scoring['rows']:,} generated texts, sentiment, median of {scoring['repeats']} repeats (min–max). "
              "The ceiling is the data plane's own classify on batches of 256 already in memory; each CLI run is its "
              "own process timed from launch to exit (process start and model load included).", "",
@@ -306,9 +427,9 @@ def section_scoring(scoring: dict | None) -> tuple[list[str], dict]:
 
 def section_footprint(footprint: dict | None) -> tuple[list[str], dict]:
     if footprint is None:
-        return ["## 6. Footprint", "", "Not measured in this run."], {}
+        return ["## 7. Footprint", "", "Not measured in this run.", ""], {}
     image = footprint.get("image_mb")
-    lines = ["## 6. Footprint", "", f"`rnnserve serve` with the bundled models ({', '.join(footprint['models'])}).", "",
+    lines = ["## 7. Footprint", "", f"`rnnserve serve` with the bundled models ({', '.join(footprint['models'])}).", "",
              "| measure | value |", "|---|---|",
              f"| process start to health SERVING (s, median (min–max) of {footprint.get('repeats', 5)}) | "
              f"{span(footprint['start_to_ready_s'], 2)} |",
@@ -320,9 +441,29 @@ def section_footprint(footprint: dict | None) -> tuple[list[str], dict]:
                    "rss": max(footprint["rss_ready_mib"], footprint["rss_after_requests_mib"]), "image": image}
 
 
-def gaps(peers: dict | None, streams: dict | None, scoring: dict | None) -> list[str]:
+def server_gap(servers: dict | None) -> list[str]:
+    """Where a server's CPU per request goes, from the h2load run: the floor, the model, the rest."""
+    if not servers or servers.get("unavailable") or not servers["best"]:
+        return []
+    rows = {group: servers["configs"][label]["summary"] for group, label in servers["best"].items()}
+    cost = {group: row["server_cpu_ms_per_request"]["median"] for group, row in rows.items()}
+    cores = servers["machine"]["cpus"]
+    ceiling = servers["ceiling"]["tried"][servers["ceiling"]["best"]]["median"]
+    text = (f"**At the server.** With h2load as the client (at most "
+            f"{max(row['client_cpu_cores']['median'] for row in rows.values()):.2f} cores in any window), the CPU "
+            "each request costs the server, best configuration of each: "
+            + ", ".join(f"{group} {ms:.2f} ms" for group, ms in cost.items()) + ". "
+            f"The model alone needs at most {cores * 1000 / ceiling:.2f} ms of CPU per row ({cores} cores at its "
+            f"ceiling of {ceiling:,.0f} rows/s).")
+    if "transport floor" in cost:
+        text += (f" A bare grpc.aio server answering fixed bytes spends {cost['transport floor']:.2f} ms per call: "
+                 "that much of any Python gRPC server's cost is the transport itself.")
+    return [text, ""]
+
+
+def gaps(servers: dict | None, peers: dict | None, streams: dict | None, scoring: dict | None) -> list[str]:
     """Why a goal is missed, in this run's own numbers."""
-    lines = ["## Where the gaps come from", ""]
+    lines = ["## Where the gaps come from", ""] + server_gap(servers)
     if peers and {"rnnserve", "pytriton"} <= set(peers["servers"]):
         ours, theirs = peers["servers"]["rnnserve"], peers["servers"]["pytriton"]
         target = 2 * theirs["throughput_rps"]["median"]
@@ -361,7 +502,7 @@ def gaps(peers: dict | None, streams: dict | None, scoring: dict | None) -> list
         modes = streams["modes"]
         cellular = modes["cellular batching"]["max_streams"]
         transport = modes.get("transport only", {}).get("max_streams")
-        text = f"**500 real-time streams.** rnnserve held {cellular} here."
+        text = f"**500 real-time streams, Python client.** rnnserve held {cellular} here."
         if transport is not None and transport > cellular:
             text += (f" A gRPC server that does no work at all (an empty response per chunk) held {transport} with "
                      "the same client on the same cores, so the transport is not what stops rnnserve: its per-chunk "
@@ -392,8 +533,9 @@ def gaps(peers: dict | None, streams: dict | None, scoring: dict | None) -> list
 
 
 def main() -> int:
-    runtime, unary, peers, streams, scoring, footprint = (
-        load(name) for name in ("runtime", "unary", "peers", "streams", "scoring", "footprint"))
+    runtime, unary, servers, peers, streams, stream_load, scoring, footprint = (
+        load(name) for name in ("runtime", "unary", "servers", "peers", "streams", "stream_load", "scoring",
+                                "footprint"))
     started = RESULTS / "started_at"
     # `rnnserve bench` writes both ends of the run, so a report rebuilt later says the same.
     ended = RESULTS / "finished_at"
@@ -403,7 +545,12 @@ def main() -> int:
     part, _ = section_runtime(runtime)
     body += part
     body += section_unary(unary)
+    part, server_facts = section_servers(servers)
+    body += part
     part, peer_facts = section_peers(peers)
+    body += part
+    part, load_facts = report_stream_load.section(
+        stream_load, lambda results: _save(report_stream_load.plot(results, _plt()), "stream_load.png"))
     body += part
     part, stream_facts = section_streams(streams)
     body += part
@@ -413,12 +560,25 @@ def main() -> int:
     body += part
 
     goals = ["## Goals", "", "| goal | measured | |", "|---|---|---|"]
-    if "pytriton" in peer_facts:
-        ratio, p99_ok = peer_facts["pytriton"]
-        goals.append(f"| >= 2x PyTriton's throughput, p99 no worse | {ratio:.2f}x, p99 "
-                     f"{'no worse' if p99_ok else 'worse'} | {verdict(ratio >= 2 and p99_ok)} |")
+    for view, facts in (("at the server, h2load, best configurations", server_facts),
+                        ("Python-client view, tritonclient", peer_facts)):
+        if "pytriton" in facts:
+            ratio, p99_ok = facts["pytriton"]
+            goals.append(f"| >= 2x PyTriton's throughput, p99 no worse ({view}) | {ratio:.2f}x, p99 "
+                         f"{'no worse' if p99_ok else 'worse'} | {verdict(ratio >= 2 and p99_ok)} |")
+    if "of_ceiling" in server_facts:
+        share = server_facts["of_ceiling"]
+        goals.append(f"| >= 0.6x the in-process ceiling (at the server, best front) | {share:.2f}x | "
+                     f"{verdict(share >= 0.6)} |")
+    if "grpcio_pytriton" in server_facts:
+        ratio = server_facts["grpcio_pytriton"]
+        goals.append(f"| >= 1.6x PyTriton with the grpcio front (at the server) | {ratio:.2f}x | "
+                     f"{verdict(ratio >= 1.6)} |")
+    if load_facts.get("max_streams") is not None:
+        goals.append(f"| >= 500 concurrent real-time keyword streams (compiled client) | {load_facts['max_streams']} "
+                     f"| {verdict(load_facts['max_streams'] >= 500)} |")
     if stream_facts:
-        goals.append(f"| >= 500 concurrent real-time streams | {stream_facts['cellular']} | "
+        goals.append(f"| >= 500 concurrent real-time streams (Python client) | {stream_facts['cellular']} | "
                      f"{verdict(stream_facts['cellular'] >= 500)} |")
         if stream_facts["ratio"]:
             goals.append(f"| cellular batching >= 3x per-stream execution | {stream_facts['ratio']:.2f}x | "
@@ -437,11 +597,12 @@ def main() -> int:
                      f"{verdict(footprint_facts['ready'] <= 3)} |")
         goals.append(f"| RSS <= 300 MB | {footprint_facts['rss'] * 1.048576:.0f} MB | "
                      f"{verdict(footprint_facts['rss'] * 1.048576 <= 300)} |")
-    machine = (runtime or unary or {}).get("machine", {})
+    machine = (runtime or unary or servers or {}).get("machine", {})
     head = [
         "# Benchmarks", "",
         "Generated by `make bench` (benchmarks/report.py) from benchmarks/results/*.json; every number below comes "
-        "from that one run. Do not edit by hand: rerun `make bench`.", "",
+        "from that one run, except a section that says when it was measured (one script rerun alone). Do not edit by "
+        "hand: rerun `make bench`.", "",
         f"- Machine: {cpu_model()}, {machine.get('cpus', '?')} CPUs, {machine.get('platform', platform.platform())}, "
         f"Python {platform.python_version()}. Client and server share these cores.",
         f"- Run finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(finished))}"
@@ -450,33 +611,38 @@ def main() -> int:
         "the CPU image when podman is there and it is missing, runs every script, then this report). Each script "
         "also runs alone; see benchmarks/README.md.", "",
     ]
-    text = "\n".join(head + goals + [""] + gaps(peers, streams, scoring) + body)
+    text = "\n".join(head + goals + [""] + gaps(servers, peers, streams, scoring) + body)
     REPORT.write_text(text.rstrip() + "\n")
-    write_headline(peer_facts, stream_facts, scoring_facts, footprint_facts, runtime)
+    write_headline(server_facts, peer_facts, stream_facts, load_facts, scoring_facts, footprint_facts, runtime)
     print(f"wrote {REPORT.relative_to(ROOT)} and {len(list(PLOTS.glob('*.png')))} plots")
     return 0
 
 
-def write_headline(peer_facts: dict, stream_facts: dict, scoring_facts: dict, footprint_facts: dict,
-                   runtime: dict | None) -> None:
+def write_headline(server_facts: dict, peer_facts: dict, stream_facts: dict, load_facts: dict, scoring_facts: dict,
+                   footprint_facts: dict, runtime: dict | None) -> None:
     if not README.exists():
         return
     text = README.read_text()
     if HEADLINE_START not in text or HEADLINE_END not in text:
         return
     items = []
+    if "pytriton" in server_facts:
+        items.append(f"**{server_facts['pytriton'][0]:.2f}x** PyTriton's throughput measured at the server (h2load, "
+                     "best configuration of each)")
     if "pytriton" in peer_facts:
         ratio, _ = peer_facts["pytriton"]
         line = f"**{ratio:.2f}x** PyTriton's throughput"
         if "mlserver" in peer_facts:
             line += f" and **{peer_facts['mlserver']:.2f}x** MLServer's"
-        items.append(line + " on the same ONNX file and load")
+        items.append(line + " on the same ONNX file and load through tritonclient")
     if runtime:
         sentiment = runtime["models"].get("sentiment", {}).get("rows_per_s")
         if sentiment:
             ratio = sentiment["onnxruntime fp32"]["32"]["median"] / sentiment["pytorch eager"]["32"]["median"]
             items.append(f"ONNX Runtime **{ratio:.2f}x** PyTorch eager (sentiment, batch 32, one thread)")
-    if stream_facts:
+    if load_facts.get("max_streams") is not None:
+        items.append(f"**{load_facts['max_streams']}** concurrent real-time keyword streams (compiled client)")
+    elif stream_facts:
         items.append(f"**{stream_facts['cellular']}** concurrent real-time audio streams "
                      f"({stream_facts['ratio']:.2f}x per-stream execution)" if stream_facts["ratio"] else
                      f"**{stream_facts['cellular']}** concurrent real-time audio streams")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import summary  # noqa: E402  (benchmarks/ is not a package)
+from common import summary, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8, 32, 128)
@@ -134,8 +134,7 @@ def main() -> int:
         for label, per in timings.items():
             cells = "  ".join(f"b{b}: {statistics.median(v):8.0f}" for b, v in per.items())
             print(f"{name:<10} {label:<17} rows/s  {cells}", flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"wrote {args.output}")
     return 0
 

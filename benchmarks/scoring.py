@@ -16,7 +16,6 @@ Writes benchmarks/results/scoring.json and prints a table; every number comes fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
+from common import start_rnnserve, summary, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the flight crew was great awful delayed again lost my bags thanks lovely seat food service app "
@@ -122,8 +121,7 @@ def main() -> int:
         },
         "note": "CLI wall time includes process start and model load; the ceiling is a warm loop in one process.",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"{'mode':<22} {'rows/s (median, min-max)':<28} {'vs ceiling':>10}")
     print(f"{'in-process ceiling':<22} {ceiling_median:>8.0f} ({min(results['ceiling_rows_per_s']):.0f}-"
           f"{max(results['ceiling_rows_per_s']):.0f})")

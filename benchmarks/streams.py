@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import profile, start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
+import transport_only  # noqa: E402  (benchmarks/ is not a package)
+from common import profile, start_rnnserve, summary, write_results  # noqa: E402
+from recordings import keyword_recording, pcm16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_S = 0.1
@@ -36,24 +36,9 @@ RATE = 16000
 
 
 def recording() -> bytes:
-    """PCM16 of quiet noise with a few spoken keywords (espeak-ng when present)."""
-    rng = np.random.default_rng(0)
-    audio = (rng.standard_normal(RATE * 6) * 0.003).astype(np.float32)
-    try:
-        import io
-
-        import soundfile
-        import soxr
-
-        for index, word in enumerate(("yes", "stop", "go")):
-            wav = subprocess.run(["espeak-ng", "--stdout", word], capture_output=True, check=True).stdout
-            samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-            samples = soxr.resample(samples, rate, RATE)[: RATE]
-            start = RATE * (1 + 2 * index)
-            audio[start : start + len(samples)] += samples
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    """PCM16 of the first benchmark recording: quiet noise with spoken keywords (recordings.py)."""
+    samples, _ = keyword_recording(0, 6.0)
+    return pcm16(samples)
 
 
 async def one_stream(stub, pcm: bytes, seconds: float, started: float, latencies: list, lags: list) -> None:
@@ -103,47 +88,6 @@ async def load(target: str, streams: int, seconds: float, pcm: bytes) -> dict:
     }
 
 
-def echo_server(port_file: Path) -> None:
-    """The transport-only peer: RnnServe.Stream answering every chunk with an empty response,
-    no model and no audio work; writes its port to port_file."""
-    import grpc
-
-    from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
-
-    async def stream(requests, context):
-        async for request in requests:
-            if request.HasField("chunk"):
-                yield pb.StreamResponse()
-        yield pb.StreamResponse(final=True)
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(stream, request_deserializer=pb.StreamRequest.FromString,
-                                                        response_serializer=pb.StreamResponse.SerializeToString)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe",
-                                                                              {"Stream": handler})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        port_file.write_text(str(port))
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
-
-
-def start_echo() -> tuple[subprocess.Popen, str]:
-    import tempfile
-
-    port_file = Path(tempfile.mkdtemp()) / "port"
-    server = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port_file)], start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not port_file.exists() or not port_file.read_text():
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            raise RuntimeError("the transport-only server did not start")
-        time.sleep(0.1)
-    return server, f"127.0.0.1:{port_file.read_text()}"
-
-
 def measure(target: str, streams: int, seconds: float, repeats: int, pcm: bytes) -> dict:
     """`repeats` windows at one level; the level passes when the median p99 is <= 100 ms and the
     client kept pace (median p99 send lag <= 50 ms)."""
@@ -158,10 +102,11 @@ def measure(target: str, streams: int, seconds: float, repeats: int, pcm: bytes)
 PROFILE_GROUPS = {
     "event loop thread (gRPC messages, handler, everything below)": "run_forever",
     "  stream handler (typed.py Stream)": "RnnServeServicer.Stream",
-    "  audio front end (PCM decode, resample, log-mel)": "AudioStream.rows",
-    "  detector and posteriors": "AudioStream.apply",
-    "step batcher thread": "Batcher._work",
+    "  audio chunk checks (limits only; decoding is on the step thread)": "AudioStream.job",
+    "step batcher thread": "Batcher._instance",
+    "  audio front end (PCM decode, resample, log-mel; every stream of a step at once)": "frontend_features",
     "  ONNX Runtime step calls": "Session.run",
+    "  keyword detector (every audio row of a step at once)": "BatchDetector.update",
 }
 
 
@@ -174,11 +119,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "streams.json")
-    parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.echo_server:
-        echo_server(args.echo_server)
-        return 0
     pcm = recording()
     levels = [int(v) for v in args.streams.split(",")]
     transport_levels = [int(v) for v in args.transport_streams.split(",")]
@@ -187,7 +128,7 @@ def main() -> int:
     modes = {"cellular batching": ("--stream-batch-max-rows", "256"),
              "per-stream execution": ("--stream-batch-max-rows", "1"), "transport only": None}
     for mode, flags in modes.items():
-        server, target = start_echo() if flags is None else start_rnnserve(*flags, "--max-streams", "5000")
+        server, target = transport_only.start() if flags is None else start_rnnserve(*flags, "--max-streams", "5000")
         results = []
         try:
             for streams in (transport_levels if flags is None else levels):
@@ -218,8 +159,7 @@ def main() -> int:
     cellular = report["modes"]["cellular batching"]["max_streams"]
     single = report["modes"]["per-stream execution"]["max_streams"]
     report["ratio"] = cellular / single if single else None
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"max real-time streams: cellular {cellular}, per-stream {single}, transport only "
           f"{report['modes']['transport only']['max_streams']}; wrote {args.output}")
     return 0

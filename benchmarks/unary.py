@@ -12,7 +12,6 @@ Writes benchmarks/results/unary.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import closed_loop, start_rnnserve, summary  # noqa: E402  (benchmarks/ is not a package)
+from common import closed_loop, start_rnnserve, summary, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_S = 1.0
@@ -73,8 +72,7 @@ def main() -> int:
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model": "sentiment",
               "seconds": args.seconds, "repeats": args.repeats, "modes": {m: MODES[m] for m in MODES},
               "summary": table, "runs": {m: {str(k): v for k, v in r.items()} for m, r in runs.items()}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"wrote {args.output}")
     return 0
 

@@ -62,10 +62,13 @@ class LogMel:
         """Power spectra [..., frames, fft_size // 2 + 1] of samples [..., S] (leading axes kept)."""
         c = self.config
         samples = np.asarray(samples, dtype=np.float32)
-        count = c.frames_for(samples.shape[-1])
-        starts = np.arange(count) * c.hop_samples
-        frames = samples[..., starts[:, None] + np.arange(c.window_samples)[None, :]] * self.window
-        return np.abs(np.fft.rfft(frames, n=c.fft_size, axis=-1)).astype(np.float32) ** 2
+        starts = np.arange(c.frames_for(samples.shape[-1])) * c.hop_samples
+        return self.frame_power(samples[..., starts[:, None] + np.arange(c.window_samples)[None, :]])
+
+    def frame_power(self, frames: np.ndarray) -> np.ndarray:
+        """Power spectra [..., fft_size // 2 + 1] of frames [..., window_samples], windowed here."""
+        spectra = np.fft.rfft(frames * self.window, n=self.config.fft_size, axis=-1)
+        return np.abs(spectra).astype(np.float32) ** 2
 
     def log_mel(self, power: np.ndarray, filterbank: np.ndarray | None = None) -> np.ndarray:
         filters = self.filterbank if filterbank is None else filterbank
@@ -91,20 +94,40 @@ def mel_filterbank(config: FrontendConfig, warp: float = 1.0) -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling)).T.astype(np.float32)
 
 
+def push_streams(frontend: LogMel, pending: list[np.ndarray], chunks: list[np.ndarray]
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Streaming log-mel of many streams at once. Stream i has its leftover samples pending[i]
+    (from its previous chunks) and a new chunk chunks[i] (float32, any length, empty too); returns
+    each stream's frames completed by its chunk [frames_i, mel_bands] and its new leftover (the
+    samples from its next frame's start on). The frames of all streams are gathered from one
+    buffer and go through one FFT and one filterbank product."""
+    c = frontend.config
+    buffer = np.concatenate([part for pair in zip(pending, chunks, strict=True) for part in pair]
+                            ).astype(np.float32, copy=False)
+    lengths = np.array([len(p) + len(chunk) for p, chunk in zip(pending, chunks, strict=True)], np.int64)
+    ends = np.cumsum(lengths)
+    offsets = ends - lengths
+    counts = np.where(lengths >= c.window_samples, (lengths - c.window_samples) // c.hop_samples + 1, 0)
+    firsts = np.cumsum(counts) - counts
+    # Frame k of stream i starts at offsets[i] + k * hop: it never reaches into stream i + 1.
+    stream = np.repeat(np.arange(len(counts)), counts)
+    starts = offsets[stream] + (np.arange(int(counts.sum())) - firsts[stream]) * c.hop_samples
+    power = frontend.frame_power(buffer[starts[:, None] + np.arange(c.window_samples)[None, :]])
+    features = frontend.log_mel(power)
+    return ([features[first : first + count] for first, count in zip(firsts, counts, strict=True)],
+            [buffer[offset + count * c.hop_samples : end].copy()
+             for offset, count, end in zip(offsets, counts, ends, strict=True)])
+
+
 class StreamingLogMel:
-    """Feeds chunks of any size; each push returns the frames completed by that chunk."""
+    """One stream: feeds chunks of any size; each push returns the frames completed by that chunk."""
 
     def __init__(self, frontend: LogMel):
         self.frontend = frontend
         self.pending = np.zeros(0, np.float32)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
-        c = self.frontend.config
-        buffered = np.concatenate([self.pending, np.asarray(samples, dtype=np.float32)])
-        count = c.frames_for(len(buffered))
-        features = self.frontend(buffered[: (count - 1) * c.hop_samples + c.window_samples] if count else buffered)
-        # Keep what the next frame needs: everything from the next frame's start.
-        self.pending = buffered[count * c.hop_samples :]
+        (features,), (self.pending,) = push_streams(self.frontend, [self.pending], [np.asarray(samples, np.float32)])
         return features
 
 
@@ -114,6 +137,15 @@ MAX_SOURCE_RATE_HZ = 384_000
 def pcm16_to_float(samples: np.ndarray) -> np.ndarray:
     """Signed 16-bit samples (any shape) as float32 in [-1, 1)."""
     return np.asarray(samples).astype(np.float32) / 32768.0
+
+
+def decode_pcm16_chunks(chunks: list[bytes]) -> list[np.ndarray]:
+    """Little-endian PCM16 chunks (each a whole number of samples) as float32, decoded together."""
+    if not chunks:
+        return []
+    decoded = pcm16_to_float(np.frombuffer(b"".join(chunks), dtype="<i2"))
+    ends = np.cumsum([len(chunk) // 2 for chunk in chunks], dtype=np.int64)
+    return np.split(decoded, ends[:-1])
 
 
 def decode_clip(

@@ -10,7 +10,9 @@ batch forms in the queue while they do (pipelining). The scheduler's rule for an
 
 - take what is queued at once (oldest first, jobs of the oldest job's key, up to
   `max_batch_rows`) when another instance is busy, or when at least `preferred_rows` rows wait;
-- otherwise hold until either becomes true or the oldest job has waited `max_delay_s`.
+- otherwise hold until either becomes true or the oldest job has waited `max_delay_s`, but never
+  so long that a queued job's deadline would pass before a call as long as the last one ends
+  (with `HOLD_DEADLINE_MARGIN_S` to spare).
 
 A job whose deadline passed while it waited is dropped unrun (DEADLINE_EXCEEDED). Results equal
 unbatched ones: the graphs are padding-invariant, and each job gets its own rows back.
@@ -33,6 +35,10 @@ from dataclasses import dataclass, field
 from serving.errors import DeadlineExceeded, ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+# A hold ends this long (beyond the last call's duration) before the nearest queued deadline:
+# room for the answer to travel back.
+HOLD_DEADLINE_MARGIN_S = 0.02
 
 
 @dataclass
@@ -121,6 +127,9 @@ class JobQueue:
     def oldest(self) -> Job:
         return self._jobs[0]
 
+    def jobs(self) -> collections.deque[Job]:
+        return self._jobs
+
     def put(self, job: Job) -> None:
         if self.rows + job.rows > self.max_queue_rows:
             raise ResourceExhausted(
@@ -163,6 +172,8 @@ class Scheduler:
         self.stats = stats
         self.busy = 0
         self.closed = False
+        # Seconds the last call took: a hold ends that long before the nearest queued deadline.
+        self.last_call_s = 0.0
         self._condition = threading.Condition()
 
     def submit(self, job: Job) -> None:
@@ -182,7 +193,12 @@ class Scheduler:
         """How much longer an idle instance holds the queued jobs before running them (<= 0: none)."""
         if self.closed or self.busy or self.queue.rows >= self.preferred_rows:
             return 0.0
-        return self.queue.oldest.submitted + self.max_delay_s - time.perf_counter()
+        hold_s = self.queue.oldest.submitted + self.max_delay_s - time.perf_counter()
+        # Holding only happens below the preferred size, so the queue is short here.
+        deadlines = [job.deadline for job in self.queue.jobs() if job.deadline is not None]
+        if deadlines and hold_s > 0:
+            hold_s = min(hold_s, min(deadlines) - self.last_call_s - HOLD_DEADLINE_MARGIN_S - time.monotonic())
+        return hold_s
 
     def next_batch(self) -> list[Job] | None:
         """Block an idle instance until it has a batch to run; None once closed and drained."""
@@ -203,10 +219,12 @@ class Scheduler:
                 else:
                     self._condition.wait()
 
-    def finished(self) -> None:
-        """An instance is idle again."""
+    def finished(self, call_s: float | None = None) -> None:
+        """An instance is idle again (after a call of call_s seconds, if it made one)."""
         with self._condition:
             self.busy -= 1
+            if call_s is not None:
+                self.last_call_s = call_s
 
     def count(self, jobs: int, rows: int) -> None:
         """A call ran (counted before its results go out, so a client that has its answer sees it)."""
@@ -283,15 +301,18 @@ class Batcher:
 
     def _instance(self, runner: Callable[[list[object]], list[object]]) -> None:
         while (jobs := self.scheduler.next_batch()) is not None:
+            call_s = None
             try:
                 live = self._live(jobs)
                 if live:
+                    started = time.perf_counter()
                     self._execute(runner, live)
+                    call_s = time.perf_counter() - started
             except Exception as error:  # keep this instance serving; whoever still waits hears why
                 log.exception("model %r: an instance failed outside the model call", self.name)
                 deliver([(job, None, error) for job in jobs if not job.done])
             finally:
-                self.scheduler.finished()
+                self.scheduler.finished(call_s)
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs someone still waits for; those past their deadline get DEADLINE_EXCEEDED."""

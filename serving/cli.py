@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subparsers.add_parser(
         "bench", help="run the benchmarks side by side and write BENCHMARKS.md (a source checkout; `make bench`)",
-        description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, unary, "
-        "footprint, peers; the peers' venvs are set up first), then benchmarks/report.py, which writes "
-        "BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
+        description="Runs benchmarks/*.py in one go on this machine (runtime, scoring, streams, stream_load, "
+        "unary, footprint, peers, servers; the peers' venvs and h2load are set up first), then benchmarks/report.py, "
+        "which writes BENCHMARKS.md, benchmarks/plots/ and the README's headline from benchmarks/results/.",
     )
     bench.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
                        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default all)")
@@ -123,7 +123,7 @@ def _add_score(subparsers) -> None:
     score.set_defaults(handler=_score)
 
 
-BENCHMARKS = ("runtime", "scoring", "streams", "unary", "footprint", "peers")
+BENCHMARKS = ("runtime", "scoring", "streams", "stream_load", "unary", "footprint", "peers", "servers")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -145,7 +145,8 @@ def _bench(args: argparse.Namespace) -> int:
     (folder / "results").mkdir(exist_ok=True)
     # `make bench` passes its own start so the peers' set-up and the image build count too.
     (folder / "results" / "started_at").write_text(os.environ.get("RNNSERVE_BENCH_STARTED", str(int(time.time()))))
-    steps = [["bash", str(folder / "setup_peers.sh")]] if "peers" in chosen else []
+    # The peers' venvs and h2load, which the server-side benchmark drives.
+    steps = [["bash", str(folder / "setup_peers.sh")]] if {"peers", "servers"} & set(chosen) else []
     steps += [[sys.executable, str(folder / f"{name}.py")] for name in BENCHMARKS if name in chosen]
     environment = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
     for command in [*steps, None]:
@@ -219,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from serving.errors import ModelLoadError
+    from serving.grpc.front import choose_front
     from serving.grpc.server import serve
     from serving.settings import ServerSettings
 
@@ -236,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {_setting_problems(error)}", file=sys.stderr)
         return 2
     try:
+        choose_front(settings)  # --grpc-front native on settings it cannot serve: refused before any work
         settings.bearer_token()
         settings.server_credentials()
     except (OSError, ValueError) as error:

@@ -13,11 +13,12 @@ import numpy as np
 from serving.audio import decode_clip
 from serving.batching import Batcher
 from serving.card import Limits
+from serving.detector import DetectorConfig
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
 from serving.runtime import OnnxSession
-from serving.streaming import DetectorConfig, Stream, StreamLimits, StreamManager
+from serving.streaming import Stream, StreamLimits, StreamManager
 
 
 @dataclass(frozen=True)

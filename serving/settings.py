@@ -31,6 +31,11 @@ class ServerSettings(BaseSettings):
     models: Path = Field(Path("models"), description="Model repository folder, read once at start.")
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 to accept remote clients.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    grpc_front: Literal["grpcio", "native", "auto"] = Field(
+        "grpcio", description="gRPC server: grpcio, native (pygrpc-native, rnnserve[native]: HTTP/2 in Rust outside "
+        "the GIL; plaintext without ping limits only, else refused) or auto (native when installed and the settings "
+        "are ones it can serve, else grpcio, and the log says why).",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Execution provider: auto takes CUDA when available, else CPU.",

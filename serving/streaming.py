@@ -10,10 +10,15 @@ has at most one step in flight, so its chunks run in order.
 Text arrives in fragments that may split words: only text up to the last whitespace
 is committed to the state (its tokens cannot change when more text arrives); the
 unfinished word is scored provisionally, from the same state, in the same call.
-Audio goes through the streaming log-mel frontend (exact framing across chunk
-boundaries) and, for other input rates, a streaming resampler. For keyword models
-the per-frame posteriors feed a detector (moving-average smoothing, a threshold and
-a refractory period) that reports each spoken keyword once, with its times.
+Audio chunks reach the step queue as they arrived (PCM16 bytes or float samples, checked
+against the limits on the event loop); the step thread decodes the chunks of all streams of a
+step call together, resamples those at other input rates (a streaming resampler per stream) and
+frames them and computes their log-mel features together (serving/audio.py push_streams: exact
+framing across chunk boundaries, each stream's leftover samples carried as its state). For keyword models
+the per-frame posteriors feed a detector (serving/detector.py: moving-average
+smoothing, a threshold and a refractory period) that reports each spoken keyword
+once, with its times; like the state tensors, each stream's detector state rides in
+its step row, and the detector runs for all audio rows of a step call at once.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.audio import StreamingLogMel
+from serving.audio import decode_pcm16_chunks, push_streams
 from serving.batching import Batcher
+from serving.detector import BatchDetector, Detection, DetectorConfig, DetectorState
 from serving.errors import InvalidInput, ResourceExhausted, ServingError
 from serving.repository import ModelVersion
 
@@ -47,35 +53,6 @@ class ShuttingDown(ServingError):
     code = "UNAVAILABLE"
 
 
-@dataclass(frozen=True)
-class DetectorConfig:
-    threshold: float = 0.5
-    smoothing_ms: float = 100.0
-    refractory_ms: float = 500.0
-    # An open detection collects evidence this long (dips below the threshold included) and is
-    # then reported as the keyword with the highest peak.
-    decision_ms: float = 500.0
-
-    def checked(self) -> DetectorConfig:
-        if not 0.0 < self.threshold < 1.0:
-            raise InvalidInput(f"config.threshold: {self.threshold}, must be between 0 and 1 (exclusive)")
-        for name in ("smoothing_ms", "refractory_ms", "decision_ms"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 10_000:
-                raise InvalidInput(f"config.{name}: {value}, must be 0 to 10000 ms")
-        return self
-
-
-@dataclass(frozen=True)
-class Detection:
-    keyword: str
-    start_ms: float
-    end_ms: float
-    confidence: float
-    # Stream time at which the detector reported it (the end of the frame that closed it).
-    reported_ms: float = 0.0
-
-
 @dataclass
 class StepRow:
     """One chunk of one stream: tokens [T] or frames [T, F], and the state it starts from."""
@@ -84,6 +61,8 @@ class StepRow:
     state: dict[str, np.ndarray]
     # False for a provisional row (text's unfinished word): its state is not kept.
     commit: bool = True
+    # Audio of a keyword model: the stream's keyword detector state, advanced over the frames.
+    detector: DetectorState | None = None
 
 
 @dataclass
@@ -91,6 +70,11 @@ class StepResult:
     logits: np.ndarray  # [C]: the result of everything streamed so far
     frame_logits: np.ndarray  # [T, C]: per token / frame
     state: dict[str, np.ndarray]
+    # Rows with a detector: its new state, the events it closed, and per label the highest
+    # smoothed posterior over the row's frames.
+    detector: DetectorState | None = None
+    detections: list[Detection] = field(default_factory=list)
+    posteriors_peak: np.ndarray | None = None
 
 
 def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) -> list[list[StepResult]]:
@@ -111,6 +95,9 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) 
         feeds[state.name] = np.stack([row.state[state.name] for row in rows])
     names = ["logits", "frame_logits", *(state.output for state in spec.state)]
     outputs = dict(zip(names, session.run(feeds, names), strict=True))
+    detecting = [index for index, row in enumerate(rows) if row.detector is not None]
+    detected = dict(zip(detecting, _detect(model, [rows[i].detector for i in detecting],
+                                           outputs["frame_logits"][detecting], lengths[detecting]), strict=True))
     results, index = [], 0
     for payload in payloads:
         mine = []
@@ -119,10 +106,78 @@ def run_steps(model: ModelVersion, payloads: list[list[StepRow]], session=None) 
                 logits=outputs["logits"][index].copy(),
                 frame_logits=outputs["frame_logits"][index, : len(row.inputs)].copy(),
                 state={state.name: outputs[state.output][index].copy() for state in spec.state},
+                **detected.get(index, {}),
             ))
             index += 1
         results.append(mine)
     return results
+
+
+@dataclass
+class AudioChunk:
+    """One chunk of one audio stream as it arrived, PCM16 bytes or float samples at the stream's
+    input rate, with what the step thread turns it into a step row from: the stream's leftover
+    samples, its resampler (None at the model's rate), state and detector state."""
+
+    data: bytes | np.ndarray
+    pending: np.ndarray
+    state: dict[str, np.ndarray]
+    detector: DetectorState
+    resampler: object | None = None
+    last: bool = False
+
+
+@dataclass
+class AudioStep:
+    """What a step call made of an AudioChunk: the stream's new leftover samples and, when the
+    chunk completed a frame, the result of its step row."""
+
+    pending: np.ndarray
+    result: StepResult | None = None
+
+
+def run_audio_steps(model: ModelVersion, chunks: list[AudioChunk], session=None) -> list[AudioStep]:
+    """The chunks of many audio streams: decoded, resampled, framed and turned into log-mel
+    features together, then the rows of those that completed a frame in one run_steps call."""
+    features, pending = frontend_features(model, chunks)
+    stepping = [index for index, frames in enumerate(features) if len(frames)]
+    results = run_steps(model, [[StepRow(features[i], chunks[i].state, detector=chunks[i].detector)]
+                                for i in stepping], session) if stepping else []
+    found = {index: result for index, (result,) in zip(stepping, results, strict=True)}
+    return [AudioStep(leftover, found.get(index)) for index, leftover in enumerate(pending)]
+
+
+def frontend_features(model: ModelVersion, chunks: list[AudioChunk]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each chunk's completed log-mel frames and its stream's new leftover samples."""
+    pcm = [index for index, chunk in enumerate(chunks) if isinstance(chunk.data, bytes)]
+    samples: list[np.ndarray] = [chunk.data for chunk in chunks]
+    for index, decoded in zip(pcm, decode_pcm16_chunks([chunks[i].data for i in pcm]), strict=True):
+        samples[index] = decoded
+    for index, chunk in enumerate(chunks):
+        if chunk.resampler is not None:  # stateful C code, one stream at a time
+            samples[index] = chunk.resampler.resample_chunk(samples[index], last=chunk.last)
+        if chunk.resampler is not None or not isinstance(chunk.data, bytes):  # PCM16 is in range
+            samples[index] = np.clip(samples[index], -1.0, 1.0)
+    return push_streams(model.frontend, [chunk.pending for chunk in chunks], samples)
+
+
+def keyword_detector(model: ModelVersion) -> BatchDetector:
+    config = model.frontend.config
+    return BatchDetector(model.card.labels, config.hop_samples / config.sample_rate_hz * 1000,
+                         config.window_samples / config.sample_rate_hz * 1000)
+
+
+def _detect(model: ModelVersion, states: list[DetectorState], frame_logits: np.ndarray,
+            lengths: np.ndarray) -> list[dict]:
+    """The keyword detector of every audio row of a step, at once: frame_logits [N, T, C]."""
+    if not states:
+        return []
+    state, detections, smoothed = keyword_detector(model).update(
+        DetectorState.stack(states), _softmax(frame_logits.astype(np.float64)), lengths
+    )
+    peaks = np.where((np.arange(smoothed.shape[1]) < lengths[:, None])[..., None], smoothed, -np.inf).max(axis=1)
+    return [{"detector": row, "detections": found, "posteriors_peak": peak}
+            for row, found, peak in zip(state.rows(), detections, peaks, strict=True)]
 
 
 def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
@@ -134,76 +189,6 @@ def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-class KeywordDetector:
-    """Smoothed per-frame posteriors -> one event per spoken keyword.
-
-    s_t is the mean of the last `smoothing` frame posteriors. When a keyword's s_t reaches
-    the threshold an event opens; it gathers every keyword's peak for decision_ms and is then
-    reported as the keyword with the highest peak, that peak being its confidence (the first
-    frames of a word often look like another keyword). For refractory_ms after it no event
-    opens. Labels starting with `_` never fire.
-    """
-
-    def __init__(self, labels: list[str], hop_ms: float, window_ms: float, config: DetectorConfig):
-        self.labels = labels
-        self.keywords = np.array([i for i, label in enumerate(labels) if not label.startswith("_")])
-        self.hop_ms, self.window_ms, self.config = hop_ms, window_ms, config
-        self.smoothing = max(1, round(config.smoothing_ms / hop_ms))
-        self.history = np.zeros((0, len(labels)), np.float32)
-        self.frame = 0
-        self.refractory_until_ms = -1.0
-        # (unused, first frame, last frame, per-keyword peaks) of the open event
-        self.open: tuple[None, int, int, np.ndarray] | None = None
-
-    def _close(self, at_frame: int) -> Detection:
-        _, first, last, peaks = self.open
-        self.open = None
-        # The keyword with the highest peak while the event was open names it.
-        label, peak = int(self.keywords[int(peaks.argmax())]), float(peaks.max())
-        end_ms = last * self.hop_ms + self.window_ms
-        self.refractory_until_ms = end_ms + self.config.refractory_ms
-        start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
-        return Detection(self.labels[label], start_ms, end_ms, peak, at_frame * self.hop_ms + self.window_ms)
-
-    def update(self, posteriors: np.ndarray) -> tuple[list[Detection], np.ndarray]:
-        """Feed [T, C] frame posteriors; returns the events closed and the smoothed [T, C]."""
-        joined = np.concatenate([self.history, posteriors.astype(np.float32)])
-        sums = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1]), np.float32), joined]), axis=0)
-        ends = np.arange(len(self.history), len(joined)) + 1
-        starts = np.maximum(ends - self.smoothing, 0)
-        # Frames at the very start average over the frames there are.
-        smoothed = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
-        self.history = joined[-(self.smoothing - 1):] if self.smoothing > 1 else joined[:0]
-        events = []
-        threshold = self.config.threshold
-        decision_frames = max(1, round(self.config.decision_ms / self.hop_ms))
-        if not len(self.keywords):
-            self.frame += len(smoothed)
-            return events, smoothed
-        keyword_scores = smoothed[:, self.keywords]
-        if self.open is None and float(keyword_scores.max(initial=0.0)) < threshold:
-            self.frame += len(smoothed)  # the usual chunk: nothing open, nothing reaches the threshold
-            return events, smoothed
-        for offset in range(len(smoothed)):
-            frame = self.frame + offset
-            best = int(keyword_scores[offset].argmax())
-            score = float(keyword_scores[offset, best])
-            if self.open is not None:
-                _, first, last, peaks = self.open
-                if frame - first < decision_frames:
-                    np.maximum(peaks, keyword_scores[offset], out=peaks)
-                    self.open = (None, first, frame if score >= threshold else last, peaks)
-                    continue
-                events.append(self._close(frame))
-            if score >= threshold and frame * self.hop_ms >= self.refractory_until_ms:
-                self.open = (None, frame, frame, keyword_scores[offset].copy())
-        self.frame += len(smoothed)
-        return events, smoothed
-
-    def finish(self) -> list[Detection]:
-        return [self._close(max(self.frame - 1, 0))] if self.open is not None else []
 
 
 @dataclass
@@ -218,7 +203,9 @@ class Update:
 
 
 class Stream:
-    """State of one stream; subclasses turn chunks into step rows and outputs into updates."""
+    """State of one stream. Subclasses check a chunk on the event loop and make it a step job,
+    `job(chunk, last) -> (payload, rows) | None` (None: no step needed), and commit what the
+    step call returned, `apply(payload, outcome, last) -> Update` (both None without a job)."""
 
     _serial = itertools.count(1)
 
@@ -249,7 +236,11 @@ class TextStream(Stream):
     def _ids(self, text: str, room: int) -> np.ndarray:
         return np.asarray(self.encoder.tokenizer.encode(text).ids[: max(room, 0)], np.int64)
 
-    def rows(self, fragment: str, last: bool) -> list[StepRow]:
+    def job(self, fragment: str, last: bool) -> tuple[list[StepRow], int] | None:
+        rows = self._rows(fragment, last)
+        return (rows, len(rows)) if rows else None
+
+    def _rows(self, fragment: str, last: bool) -> list[StepRow]:
         if len(fragment) > self.max_chunk_chars:
             raise InvalidInput(f"chunk.text: {len(fragment)} characters, limit {self.max_chunk_chars} per chunk")
         text = self.tail + fragment
@@ -274,9 +265,9 @@ class TextStream(Stream):
                 rows.append(StepRow(provisional, self.state, commit=False))
         return rows
 
-    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+    def apply(self, rows: list[StepRow] | None, results: list[StepResult] | None, last: bool) -> Update:
         running = self.logits
-        for row, result in zip(rows, results, strict=True):
+        for row, result in zip(rows or [], results or [], strict=True):
             if row.commit:
                 self._apply_commit(result)
                 self.tokens += len(row.inputs)
@@ -293,47 +284,56 @@ class AudioStream(Stream):
             raise InvalidInput(f"config.sample_rate_hz: {input_rate_hz}, must be 1 to 384000 Hz")
         self.input_rate = input_rate_hz
         self.max_chunk_seconds = max_chunk_seconds
-        self.frontend = StreamingLogMel(model.frontend)
+        # Samples at the model's rate not yet in a frame (the next frame's start on).
+        self.pending = np.zeros(0, np.float32)
         self.resampler = None
         if input_rate_hz != self.rate:
             import soxr
 
             self.resampler = soxr.ResampleStream(input_rate_hz, self.rate, 1, dtype="float32", quality="HQ")
         self.samples = 0  # at the input rate
-        self.detector = KeywordDetector(
-            model.card.labels, config.hop_samples / self.rate * 1000, config.window_samples / self.rate * 1000,
-            detector.checked(),
-        )
+        self.detector = keyword_detector(model)
+        self.detector_state = self.detector.start([detector.checked()])
 
     @property
     def seconds(self) -> float:
         return self.samples / self.input_rate
 
-    def rows(self, samples: np.ndarray, last: bool) -> list[StepRow]:
-        samples = np.asarray(samples, np.float32).reshape(-1)
-        if len(samples) / self.input_rate > self.max_chunk_seconds:
+    def job(self, data: bytes | np.ndarray, last: bool) -> tuple[AudioChunk, int] | None:
+        """data: little-endian PCM16 bytes or float samples, at the input rate. Only checked
+        here; decoding and the frontend run on the step thread (run_audio_steps)."""
+        if isinstance(data, bytes):
+            if len(data) % 2:
+                raise InvalidInput(f"chunk.pcm16: {len(data)} bytes, not a whole number of 16-bit samples")
+            count = len(data) // 2
+        else:
+            data = np.asarray(data, np.float32).reshape(-1)
+            count = len(data)
+        if count / self.input_rate > self.max_chunk_seconds:
             raise InvalidInput(
-                f"chunk: {len(samples) / self.input_rate:.2f} s of audio, limit {self.max_chunk_seconds:g} s per chunk"
+                f"chunk: {count / self.input_rate:.2f} s of audio, limit {self.max_chunk_seconds:g} s per chunk"
             )
-        if not np.isfinite(samples).all():
+        if not isinstance(data, bytes) and not np.isfinite(data).all():
             raise InvalidInput("chunk.samples: NaN or infinite values")
-        self.samples += len(samples)
-        if self.resampler is not None:
-            samples = self.resampler.resample_chunk(samples, last=last)
-        features = self.frontend.push(np.clip(samples, -1.0, 1.0))
-        return [StepRow(features, self.state)] if len(features) else []
+        self.samples += count
+        if not count and not (last and self.resampler is not None):  # nothing new (the resampler flushes)
+            return None
+        return AudioChunk(data, self.pending, self.state, self.detector_state, self.resampler, last), 1
 
-    def apply(self, rows: list[StepRow], results: list[StepResult], last: bool) -> Update:
+    def apply(self, chunk: AudioChunk | None, step: AudioStep | None, last: bool) -> Update:
         detections: list[Detection] = []
         chunk_posteriors = None
-        for result in results:
+        if step is not None:
+            self.pending = step.pending
+        if step is not None and step.result is not None:  # the detector ran with the step (run_steps)
+            result = step.result
             self._apply_commit(result)
-            found, smoothed = self.detector.update(_softmax(result.frame_logits.astype(np.float64)))
-            detections += found
-            peak = smoothed.max(axis=0)
-            chunk_posteriors = peak if chunk_posteriors is None else np.maximum(chunk_posteriors, peak)
+            self.detector_state = result.detector
+            detections += result.detections
+            chunk_posteriors = result.posteriors_peak
         if last:
-            detections += self.detector.finish()
+            (found,) = self.detector.finish(self.detector_state)
+            detections += found
         return Update(logits=self.logits, detections=detections, chunk_posteriors=chunk_posteriors, final=last)
 
 
@@ -443,10 +443,11 @@ class StreamManager:
         with self._lock:
             if key not in self._runners:
                 label = f"{model.name}/step"
+                run = run_audio_steps if model.frontend is not None else run_steps
                 self.metrics.instances.labels(label).set(len(model.step_sessions))
                 self._runners[key] = Batcher(
                     f"{model.name}/{model.version}/step",
-                    [functools.partial(run_steps, model, session=session) for session in model.step_sessions],
+                    [functools.partial(run, model, session=session) for session in model.step_sessions],
                     max_batch_rows=self.limits.step_max_rows, max_delay_s=0.0,
                     max_queue_rows=max(self.limits.max_streams * 2, self.limits.step_max_rows),
                     observe=lambda waits, seconds, rows: self._observe(label, waits, seconds, rows),
@@ -461,21 +462,22 @@ class StreamManager:
         self.metrics.batch_rows.labels(label).observe(rows)
 
     async def feed(self, stream: Stream, chunk, last: bool = False) -> Update:
-        """Run one chunk (text fragment or float samples; None at the end) through the stream."""
+        """Run one chunk (a text fragment, PCM16 bytes or float samples; None at the end) through the stream."""
         if stream.ended:
             if self._stop.is_set():
                 raise ShuttingDown("the server is shutting down; the stream was ended")
             raise StreamStateError("the stream has ended")
         stream.last_active = time.monotonic()
-        empty = "" if isinstance(stream, TextStream) else np.zeros(0, np.float32)
-        rows = stream.rows(empty if chunk is None else chunk, last)
+        empty = "" if isinstance(stream, TextStream) else b""
+        job = stream.job(empty if chunk is None else chunk, last)
         stream.chunks += 1
-        results: list[StepResult] = []
-        if rows:
+        payload = outcome = None
+        if job is not None:
+            payload, rows = job
             # Steps of every stream awaiting this batch wake the loop once, together.
-            results = await self._runner(stream.model).submit_async(rows, len(rows))
+            outcome = await self._runner(stream.model).submit_async(payload, rows)
         stream.last_active = time.monotonic()
-        return stream.apply(rows, results, last)
+        return stream.apply(payload, outcome, last)
 
     # -- idle sequences -------------------------------------------------------------------
     def _sweep(self) -> None:

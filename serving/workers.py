@@ -36,34 +36,70 @@ log = logging.getLogger(__name__)
 
 # How long a stopping worker gets beyond the grace period before it is killed.
 STOP_MARGIN_S = 30.0
+# Metrics folders are named after the parent's pid, so a later group can remove an orphan's.
+METRICS_PREFIX = "rnnserve-metrics-"
 
 
 class WorkerFailed(Exception):
     """A worker could not start; the message is its error."""
 
 
-def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """A SO_REUSEPORT socket bound to host:port (port 0: a free port), after checking that no
-    other socket holds the port (workers would otherwise share it silently with a stranger)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
+def _addresses(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) of every address gRPC binds for host (both loopbacks for localhost)."""
     try:
-        # SO_REUSEADDR only overlooks connections in TIME_WAIT; a listening socket still fails the bind.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        port = probe.getsockname()[1]
-    except OSError as error:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
         raise OSError(f"cannot bind {host}:{port}: {error.strerror or error}") from None
-    finally:
-        probe.close()
-    keeper = socket.socket(family, socket.SOCK_STREAM)
-    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    unique: dict[tuple, tuple[int, tuple]] = {}
+    for family, _, _, _, address in found:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            unique.setdefault((family, address[0]), (family, address))
+    if not unique:
+        raise OSError(f"cannot bind {host}:{port}: no IPv4 or IPv6 address")
+    return list(unique.values())
+
+
+def _bind_all(addresses: list[tuple[int, tuple]], port: int, reuse_port: bool) -> list[socket.socket]:
+    """Sockets bound to port on every address (port 0: the first picks, the others follow)."""
+    bound: list[socket.socket] = []
+    both_families = len({family for family, _ in addresses}) > 1
     try:
-        keeper.bind((host, port))
-    except OSError as error:
-        keeper.close()
-        raise OSError(f"cannot bind {host}:{port}: {error.strerror or error}") from None
-    return keeper, port
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            bound.append(sock)
+            if family == socket.AF_INET6 and both_families:  # e.g. localhost: ::1 beside 127.0.0.1
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # SO_REUSEADDR only overlooks connections in TIME_WAIT; a listening socket still fails the bind.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT if reuse_port else socket.SO_REUSEADDR, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
+    """SO_REUSEPORT sockets bound to host:port on every address host names (port 0: a port free
+    on all of them), after checking that no other socket holds it there (workers would otherwise
+    share it silently with a stranger)."""
+    addresses = _addresses(host, port)
+    error: OSError | None = None
+    for _ in range(20 if port == 0 else 1):  # port 0: the port the first address picked may be taken on another
+        try:
+            probes = _bind_all(addresses, port, reuse_port=False)
+        except OSError as failed:
+            error = failed
+            continue
+        chosen = probes[0].getsockname()[1]
+        for probe in probes:
+            probe.close()
+        try:
+            return _bind_all(addresses, chosen, reuse_port=True), chosen
+        except OSError as failed:
+            error = failed
+    raise OSError(f"cannot bind {host}:{port}: {error.strerror or error}") from None
 
 
 def _die_with_parent() -> None:
@@ -79,9 +115,11 @@ def _die_with_parent() -> None:
 def _worker(settings: ServerSettings, index: int, parent_pid: int, report: Connection,
             configure_logging: Callable[[], None]) -> None:
     """A worker process: one whole server on the shared port; tells the parent when it serves."""
-    # Until the server's own handlers are installed a signal just ends the worker: nothing runs yet.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    # Until the server's own handlers are installed a signal just ends the worker: nothing serves
+    # yet. os._exit, not sys.exit: a SystemExit raised while a C extension initialises (numpy,
+    # onnxruntime) surfaces as "ImportError: initialization failed" and a traceback, exit 1.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     _die_with_parent()
     if os.getppid() != parent_pid:
         sys.exit(0)
@@ -104,8 +142,9 @@ def _worker(settings: ServerSettings, index: int, parent_pid: int, report: Conne
 def serve_workers(settings: ServerSettings, configure_logging: Callable[[], None]) -> int:
     """Run settings.workers server processes on one port until SIGTERM/SIGINT; 0 when every
     worker drained and exited 0."""
-    keeper, port = reserve_port(settings.host, settings.port)
-    metrics_dir = Path(tempfile.mkdtemp(prefix="rnnserve-metrics-"))
+    keepers, port = reserve_port(settings.host, settings.port)
+    _remove_orphaned_metrics()
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-"))
     # prometheus-client picks multiprocess mode from the environment when it is first imported:
     # the workers, spawned below, inherit it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -123,9 +162,12 @@ def serve_workers(settings: ServerSettings, configure_logging: Callable[[], None
                 os.kill(worker.pid, signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    log.info("starting %d workers on %s:%d", settings.workers, settings.host, port)
     http = None
     try:
         for index in range(1, settings.workers + 1):
+            if stopping:
+                break
             receive, send = context.Pipe(duplex=False)
             worker = context.Process(
                 target=_worker, name=f"worker-{index}",
@@ -135,10 +177,12 @@ def serve_workers(settings: ServerSettings, configure_logging: Callable[[], None
             send.close()
             workers.append(worker)
             reports[receive] = worker
+        if stopping:  # a signal that came while a worker was being started did not reach that one
+            stop()
         ready_models = _wait_until_ready(reports, lambda: stopping)
-        keeper.close()
-        if stopping:
-            return _wait_for_exit(workers, settings.grace_period_s)
+        _close(keepers)
+        if stopping:  # signalled while the workers started: those not yet serving just end
+            return _wait_for_exit(workers, settings.grace_period_s, starting=True)
         if settings.metrics_port is not None:
             from serving.metrics import serve_aggregated_http
 
@@ -167,7 +211,7 @@ def serve_workers(settings: ServerSettings, configure_logging: Callable[[], None
         _wait_for_exit(workers, settings.grace_period_s)
         raise
     finally:
-        keeper.close()
+        _close(keepers)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if http is not None:
@@ -175,6 +219,30 @@ def serve_workers(settings: ServerSettings, configure_logging: Callable[[], None
             http.server_close()
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def _remove_orphaned_metrics() -> None:
+    """Metrics folders of worker groups whose parent died without cleaning up (e.g. SIGKILL)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _wait_until_ready(reports: dict[Connection, multiprocessing.Process], stopping: Callable[[], bool]) -> list[str]:
@@ -188,6 +256,8 @@ def _wait_until_ready(reports: dict[Connection, multiprocessing.Process], stoppi
                 kind, detail = connection.recv()
             except EOFError:  # it died before saying anything
                 worker.join(5)
+                if stopping():  # it was told to stop: not a failure
+                    continue
                 raise WorkerFailed(f"worker {worker.name} exited with {worker.exitcode} while starting") from None
             if kind == "failed":
                 raise WorkerFailed(detail)
@@ -210,8 +280,10 @@ def _watch(workers: list[multiprocessing.Process], stopping: Callable[[], bool],
     return None
 
 
-def _wait_for_exit(workers: list[multiprocessing.Process], grace_s: float) -> int:
-    """0 when every worker exits 0 in time; stragglers are killed (then 1)."""
+def _wait_for_exit(workers: list[multiprocessing.Process], grace_s: float, starting: bool = False) -> int:
+    """0 when every worker exits 0 in time; stragglers are killed (then 1). starting: the group
+    was signalled before every worker served, so a worker ended by that SIGTERM before it set
+    its own handlers (exit -15) stopped as asked too."""
     deadline = time.monotonic() + grace_s + STOP_MARGIN_S
     for worker in workers:
         if worker.pid is None:
@@ -222,7 +294,8 @@ def _wait_for_exit(workers: list[multiprocessing.Process], grace_s: float) -> in
             worker.kill()
             worker.join()
     codes = [worker.exitcode for worker in workers if worker.pid is not None]
-    if any(code != 0 for code in codes):
+    clean = {0, -signal.SIGTERM} if starting else {0}
+    if any(code not in clean for code in codes):
         log.error("worker exit codes: %s", codes)
         return 1
     return 0

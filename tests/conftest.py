@@ -39,3 +39,17 @@ def model_repository(quick_run, tmp_path_factory) -> Path:
 def test_texts(quick_run) -> list[str]:
     with open(quick_run / "test.jsonl") as handle:
         return [json.loads(line)["text"] for line in handle][:200]
+
+
+@pytest.fixture(scope="module", params=["grpcio", "native"])
+def front_settings(request) -> dict:
+    """ServerSettings fields that put a server on each gRPC front in turn. The native front is
+    skipped where pygrpc-native is not installed (CI installs it: rnnserve[dev]); it serves
+    plaintext without ping limits only, hence keepalive_max_ping_strikes 0 there."""
+    if request.param == "grpcio":
+        return {"grpc_front": "grpcio"}
+    from serving.grpc.front import native_installed
+
+    if not native_installed():
+        pytest.skip("pygrpc-native is not installed (pip install 'rnnserve[native]')")
+    return {"grpc_front": "native", "keepalive_max_ping_strikes": 0}

@@ -1,5 +1,5 @@
 """`rnnserve serve` settings: a TOML config file under environment variables and flags, JSON
-log lines, and clear refusals."""
+log lines, and clear refusals (--grpc-front among them)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving.cli import _config_file, build_parser
+from serving.grpc.front import native_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 RNNSERVE = [sys.executable, "-m", "serving"]
@@ -143,3 +144,36 @@ def test_bench_names_an_unknown_benchmark():
     result = subprocess.run([*RNNSERVE, "bench", "--only", "runtime,warp"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "warp" in result.stderr and "runtime, scoring" in result.stderr
+
+
+def _serve(*flags: str, hide_native: bool = False) -> subprocess.CompletedProcess:
+    """`rnnserve serve FLAGS` in a fresh interpreter; hide_native blocks the import of pygrpc_native
+    there, as on a machine without rnnserve[native]."""
+    hide = "sys.modules['pygrpc_native'] = None; " if hide_native else ""
+    code = f"import sys; {hide}from serving.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "serve", "--models", str(ROOT / "models"), "--port", "0",
+                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_bad_grpc_front_is_named_with_the_choices():
+    result = _serve("--grpc-front", "fast")
+    assert result.returncode == 2
+    assert "--grpc-front (RNNSERVE_GRPC_FRONT): 'fast': input should be 'grpcio', 'native' or 'auto'" in result.stderr
+
+
+def test_native_without_pygrpc_native_is_a_clear_error_and_auto_says_grpcio():
+    result = _serve("--grpc-front", "native", "--keepalive-max-ping-strikes", "0", hide_native=True)
+    assert result.returncode == 2 and "--grpc-front native: pygrpc-native is not installed" in result.stderr
+    assert "rnnserve[native]" in result.stderr
+    code = ("import sys; sys.modules['pygrpc_native'] = None\n"
+            "from serving.grpc.front import choose_front\nfrom serving.settings import ServerSettings\n"
+            "print(choose_front(ServerSettings(grpc_front='auto', keepalive_max_ping_strikes=0)))")
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "name='grpcio'" in chosen.stdout and "not installed" in chosen.stdout, chosen.stdout + chosen.stderr
+
+
+@pytest.mark.skipif(not native_installed(), reason="pygrpc-native is not installed (rnnserve[native])")
+def test_native_with_its_defaults_is_refused_before_any_work():
+    result = _serve("--grpc-front", "native")
+    assert result.returncode == 2 and "--keepalive-max-ping-strikes 2" in result.stderr, result.stderr
+    assert "serving.repository" not in result.stderr  # refused before any model was loaded

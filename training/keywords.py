@@ -198,10 +198,18 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         from training.stream_training import StreamTrainer
 
         banks, settings = continuous
+        # Two stages: the clip recipe first (it learns the words), then continuous speech from
+        # those weights (it learns to stay quiet while people talk, and where a keyword ends).
+        history = fit(
+            model, config, context, task, data.label_names,
+            train_batches=train_batches, batch_loss=batch_loss,
+            validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
+            validation_labels=labels[index["validation"]], rng=rng, progress=progress,
+        ) if settings.pretrain_on_clips else []
         trainer = StreamTrainer(model, banks, data.clips[index["train"]], labels[index["train"]], data.label_names,
                                 frontend, augmenter, settings, progress)
-        history = trainer.train()
-        continuous_summary = {"settings": asdict(settings), "seen": trainer.seen,
+        rounds = trainer.train()
+        continuous_summary = {"settings": asdict(settings), "rounds": rounds, "seen": trainer.seen,
                               "hard_negatives": len(trainer.hard_negatives),
                               "banks": {split: {kind: round(bank.seconds(kind) / 3600, 3)
                                                 for kind in ("keyword", "near_miss", "prose")}

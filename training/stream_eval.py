@@ -4,8 +4,10 @@ The judged recordings come from training/data/streams.py banks of voices never h
 training: "negative" recordings are continuous prose with no keyword in it (false alarms per
 hour), "keywords" recordings hold every keyword take once, said as a command between pauses or
 inside running speech (recall). Each split is streamed through the server's own code
-(serving.audio's streaming log-mel, step.onnx with carried state, serving.streaming's detector)
-in 100 ms chunks, many recordings side by side as the server's cellular batching runs them.
+(serving.audio's streaming log-mel, step.onnx with carried state) in 100 ms chunks, many
+recordings side by side as the server's cellular batching runs them, and its posteriors through
+serving.detector's keyword detector as 1 s chunks would be: every recording at once, smoothed once
+per smoothing for all the thresholds and decision windows of the grid.
 
 Matching follows MLPerf Tiny's streaming wake-word benchmark: a detection is a hit when it is
 reported between the keyword's start and 0.5 s after its end and names that keyword (each
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.streaming import DetectorConfig, KeywordDetector, StepRow, _softmax, run_steps
+from serving.detector import BatchDetector, Detection, DetectorConfig, Events
+from serving.streaming import StepRow, _softmax, run_steps
 
 CHUNK_S = 0.1
 HIT_AFTER_END_S = 0.5
@@ -71,13 +74,13 @@ def frame_posteriors(version, recordings, chunk_s: float = CHUNK_S, group: int =
     return outputs
 
 
-def detect(posteriors: np.ndarray, labels: list[str], hop_ms: float, window_ms: float,
-           config: DetectorConfig, chunk_frames: int = 50):
-    detector = KeywordDetector(labels, hop_ms, window_ms, config)
-    events = []
-    for start in range(0, len(posteriors), chunk_frames):
-        events += detector.update(posteriors[start : start + chunk_frames])[0]
-    return events + detector.finish()
+def detect_all(posteriors: list[np.ndarray], labels: list[str], hop_ms: float, window_ms: float,
+               config: DetectorConfig, chunk_frames: int = 50) -> list[list[Detection]]:
+    """Each recording's detections, as streaming it through the detector in chunks of chunk_frames
+    finds them; all recordings at once."""
+    detector = BatchDetector(labels, hop_ms, window_ms)
+    smoothed = detector.smooth_recordings(posteriors, config.smoothing_ms, chunk_frames)
+    return detector.detect_recordings(smoothed, config).detections(labels)
 
 
 def debounced(times: list[float], seconds: float = DEBOUNCE_S) -> int:
@@ -92,33 +95,48 @@ def debounced(times: list[float], seconds: float = DEBOUNCE_S) -> int:
 def score(recordings, posteriors: list[np.ndarray], labels: list[str], hop_ms: float, window_ms: float,
           config: DetectorConfig) -> dict:
     """Hits, recall (overall and per keyword), debounced false alarms and false alarms per hour."""
+    detector = BatchDetector(labels, hop_ms, window_ms)
+    events = detector.detect_recordings(detector.smooth_recordings(posteriors, config.smoothing_ms), config)
+    return score_events(recordings, events, labels)
+
+
+def score_events(recordings, events: Events, labels: list[str]) -> dict:
+    """score() of the events detected in the recordings (stream i: recordings[i])."""
     keywords = [label for label in labels if not label.startswith("_")]
     said = dict.fromkeys(keywords, 0)
-    found = dict.fromkeys(keywords, 0)
-    false_alarms = 0
-    confusions: dict[str, int] = {}
-    for recording, frames in zip(recordings, posteriors, strict=True):
-        matched: set[int] = set()
-        alarms: list[float] = []
+    for recording in recordings:
         for label, _, _ in recording.keywords:
             said[label] += 1
-        for event in detect(frames, labels, hop_ms, window_ms, config):
-            moment = event.reported_ms / 1000
-            hit, overlapped = None, None
-            for index, (label, start, end) in enumerate(recording.keywords):
-                if start <= moment <= end + HIT_AFTER_END_S and index not in matched:
-                    overlapped = label
-                    if label == event.keyword:
-                        hit = index
-                        break
-            if hit is not None:
-                matched.add(hit)
-                found[event.keyword] += 1
-            else:
-                alarms.append(moment)
-                key = f"{overlapped or 'none'}->{event.keyword}"
-                confusions[key] = confusions.get(key, 0) + 1
-        false_alarms += debounced(alarms)
+    found = dict.fromkeys(keywords, 0)
+    moments = events.reported_ms / 1000
+    # What each event was: a hit, or a false alarm inside the hit window of a keyword it does not
+    # name (that keyword's label index), or elsewhere (-1). Events inside some hit window are
+    # matched one by one, in order, since each keyword is hit at most once.
+    hit = len(labels)
+    outcome = np.full(len(moments), -1)
+    index_of = {label: i for i, label in enumerate(labels)}
+    near = np.flatnonzero(_in_hit_windows(recordings, events.stream, moments))
+    matched: set[tuple[int, int]] = set()
+    for event, stream, moment, name in zip(near.tolist(), events.stream[near].tolist(), moments[near].tolist(),
+                                           [labels[i] for i in events.label[near]], strict=True):
+        for index, (label, start, end) in enumerate(recordings[stream].keywords):
+            if start <= moment <= end + HIT_AFTER_END_S and (stream, index) not in matched:
+                outcome[event] = index_of[label]
+                if label == name:
+                    outcome[event] = hit
+                    matched.add((stream, index))
+                    found[name] += 1
+                    break
+    alarms = np.flatnonzero(outcome != hit)
+    # Kinds of false alarm, in the order each first happened (the order ties are listed in).
+    kinds, first_seen, counts = np.unique(np.where(outcome[alarms] >= 0, outcome[alarms], hit) * len(labels)
+                                          + events.label[alarms], return_index=True, return_counts=True)
+    names = [*labels, "none"]
+    confusions = {f"{names[kind // len(labels)]}->{labels[kind % len(labels)]}": count
+                  for kind, count in zip(kinds[np.argsort(first_seen)].tolist(),
+                                         counts[np.argsort(first_seen)].tolist(), strict=True)}
+    splits = np.flatnonzero(np.diff(events.stream[alarms])) + 1
+    false_alarms = sum(debounced(times.tolist()) for times in np.split(moments[alarms], splits) if len(times))
     hours = sum(len(r.samples) for r in recordings) / 16000 / 3600
     total = sum(said.values())
     return {
@@ -130,11 +148,50 @@ def score(recordings, posteriors: list[np.ndarray], labels: list[str], hop_ms: f
     }
 
 
+def _in_hit_windows(recordings, streams: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    """[E] bool: whether each moment (in recording streams[i]) lies in the hit window of one of
+    its recording's keywords."""
+    per_recording = np.array([len(r.keywords) for r in recordings], np.int64)
+    starts = np.array([start for r in recordings for _, start, _ in r.keywords], np.float64)
+    ends = np.array([end for r in recordings for _, _, end in r.keywords], np.float64)
+    # Every pair of an event and a keyword of its recording.
+    pairs = per_recording[streams]
+    event = np.repeat(np.arange(len(moments)), pairs)
+    keyword = (np.repeat((np.cumsum(per_recording) - per_recording)[streams] - (np.cumsum(pairs) - pairs), pairs)
+               + np.arange(len(event)))
+    inside = (starts[keyword] <= moments[event]) & (moments[event] <= ends[keyword] + HIT_AFTER_END_S)
+    near = np.zeros(len(moments), bool)
+    near[event[inside]] = True
+    return near
+
+
 def judged(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels, hop_ms, window_ms,
            config: DetectorConfig) -> dict:
     """Recall on the keyword recordings, false alarms per hour on the continuous speech."""
-    on_keywords = score(keyword_recordings, keyword_posteriors, labels, hop_ms, window_ms, config)
-    on_speech = score(negative, negative_posteriors, labels, hop_ms, window_ms, config)
+    ((_, result),) = judged_grid(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels,
+                                 hop_ms, window_ms, [config])
+    return result
+
+
+def judged_grid(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels, hop_ms, window_ms,
+                configs: list[DetectorConfig]) -> list[tuple[DetectorConfig, dict]]:
+    """judged() at each setting, in order; the recordings are smoothed once per smoothing and every
+    recording is detected on at once."""
+    detector = BatchDetector(labels, hop_ms, window_ms)
+    results: dict[int, dict] = {}
+    for smoothing_ms in dict.fromkeys(config.smoothing_ms for config in configs):
+        on_speech = detector.smooth_recordings(negative_posteriors, smoothing_ms)
+        on_keywords = detector.smooth_recordings(keyword_posteriors, smoothing_ms)
+        for index, config in enumerate(configs):
+            if config.smoothing_ms == smoothing_ms:
+                results[index] = _judgement(
+                    score_events(keyword_recordings, detector.detect_recordings(on_keywords, config), labels),
+                    score_events(negative, detector.detect_recordings(on_speech, config), labels),
+                )
+    return [(config, results[index]) for index, config in enumerate(configs)]
+
+
+def _judgement(on_keywords: dict, on_speech: dict) -> dict:
     return {
         "recall": round(on_keywords["recall"], 4), "keywords": on_keywords["keywords"],
         "recall_per_keyword": on_keywords["recall_per_keyword"],
@@ -163,13 +220,11 @@ def choose(results: list[tuple[DetectorConfig, dict]], budget: float = TARGET_FA
 
 def det_curve(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels, hop_ms, window_ms,
               config: DetectorConfig) -> list[dict]:
-    points = []
-    for threshold in sorted({*THRESHOLDS, 0.2, 0.9999}):
-        point = judged(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels, hop_ms,
-                       window_ms, replace(config, threshold=threshold))
-        points.append({"threshold": threshold, "recall": point["recall"],
-                       "false_alarms_per_hour": point["false_alarms_per_hour"]})
-    return points
+    settings = [replace(config, threshold=threshold) for threshold in sorted({*THRESHOLDS, 0.2, 0.9999})]
+    return [{"threshold": setting.threshold, "recall": point["recall"],
+             "false_alarms_per_hour": point["false_alarms_per_hour"]}
+            for setting, point in judged_grid(negative, keyword_recordings, negative_posteriors, keyword_posteriors,
+                                              labels, hop_ms, window_ms, settings)]
 
 
 def plot_det(curves: dict[str, list[dict]], chosen: dict[str, dict], path: Path) -> None:
@@ -220,8 +275,7 @@ def evaluate(version_dir: Path, banks: dict, plot_path: Path | None = None, seed
                            frame_posteriors(version, recordings["keywords"]))
         progress(f"streamed {split}: {sum(len(r.samples) for r in recordings['negative']) / 57600000:.2f} h of "
                  f"speech, {sum(len(r.keywords) for r in recordings['keywords'])} keywords")
-    results = [(candidate, judged(*prepared["validation"], labels, hop_ms, window_ms, candidate))
-               for candidate in grid()]
+    results = judged_grid(*prepared["validation"], labels, hop_ms, window_ms, grid())
     chosen, on_validation = choose(results)
     points = {"validation": on_validation}
     curves = {}

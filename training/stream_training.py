@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ContinuousSpeechTraining:
+    # Start from the clip recipe's weights (training/keywords.py), then fine-tune on streams.
+    pretrain_on_clips: bool = True
     rounds: int = 3
-    batches_per_round: int = 80
+    batches_per_round: int = 50
     lanes: int = 24  # recordings per batch, each on its own carried state
     recording_seconds: float = 24.0
     chunk_frames: int = 200  # truncated backpropagation: 4 s at a 20 ms hop
@@ -48,7 +50,7 @@ class ContinuousSpeechTraining:
     clips_per_sequence: int = 3
     clip_weight: float = 1.0
     keyword_weight: float = 4.0  # cross-entropy weight of keyword frames (they are rare)
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3  # fine-tuning the clip-trained weights
     final_learning_rate_fraction: float = 0.05
     mining_threshold: float = 0.4
     mining_seconds_before: float = 2.0  # audio kept before a false alarm as a hard negative
@@ -222,15 +224,16 @@ class StreamTrainer:
 
     def mine(self) -> int:
         """Run over held-out prose of the training speakers; keep each stretch it fires on."""
-        from training.stream_eval import detect
+        from training.stream_eval import detect_all
 
         settings = self.settings
         recordings = evaluation_recordings(self.banks["mining"], int(self.rng.integers(2**31)))["negative"]
         posteriors = posteriors_of(self.model, self.frontend, recordings)
         added = 0
         config = DetectorConfig(threshold=settings.mining_threshold, smoothing_ms=40, decision_ms=100)
-        for recording, frames in zip(recordings, posteriors, strict=True):
-            for event in detect(frames, self.labels, self.hop_ms, self.window_ms, config):
+        detections = detect_all(posteriors, self.labels, self.hop_ms, self.window_ms, config)
+        for recording, events in zip(recordings, detections, strict=True):
+            for event in events:
                 end = min(len(recording.samples), int((event.reported_ms / 1000 + 0.3) * 16000))
                 start = max(0, end - int((settings.mining_seconds_before + 0.3) * 16000))
                 self.hard_negatives.append(recording.samples[start:end].copy())
@@ -238,14 +241,14 @@ class StreamTrainer:
         return added
 
     def judge(self) -> dict:
-        from training.stream_eval import choose, grid, judged
+        from training.stream_eval import choose, grid, judged_grid
 
         negative, keywords = self.validation
         negative_posteriors = posteriors_of(self.model, self.frontend, negative)
         keyword_posteriors = posteriors_of(self.model, self.frontend, keywords)
         candidates = [c for c in grid() if c.decision_ms == 300]
-        results = [(c, judged(negative, keywords, negative_posteriors, keyword_posteriors, self.labels,
-                              self.hop_ms, self.window_ms, c)) for c in candidates]
+        results = judged_grid(negative, keywords, negative_posteriors, keyword_posteriors, self.labels,
+                              self.hop_ms, self.window_ms, candidates)
         chosen, result = choose(results)
         return {"recall": result["recall"], "false_alarms_per_hour": result["false_alarms_per_hour"],
                 "detector": {"threshold": chosen.threshold, "smoothing_ms": chosen.smoothing_ms}}

@@ -139,3 +139,6 @@ def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
     """Serve every method of `service` from the servicer's method of the same name."""
     handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # As generated code does since grpcio 1.64: registered methods skip grpcio's generic lookup, and
+    # they are the ones the native front serves itself (it hands generic-only services to grpcio).
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from serving.dataplane import BatchingConfig, DataPlane
 from serving.grpc import kserve, typed
 from serving.grpc.auth import BearerTokenInterceptor
+from serving.grpc.front import choose_front, new_server
 from serving.repository import load_repository
 from serving.settings import ServerSettings
 
@@ -73,6 +74,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 async def create_server(settings: ServerSettings, dataplane: DataPlane | None = None) -> RunningServer:
     """Load the repository (unless a data plane is given), bind and start; port 0 picks a free port."""
+    front = choose_front(settings)  # a front that cannot serve the settings is refused before any loading
     if dataplane is None:
         runtime = settings.runtime_options()
         dataplane = DataPlane(
@@ -84,7 +86,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="rnnserve-worker")
     token = settings.bearer_token()
     interceptors = [BearerTokenInterceptor(token, dataplane.metrics)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=settings.grpc_options())
+    server = new_server(front, interceptors, settings.grpc_options())
     typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
     kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server)
 
@@ -104,7 +106,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     credentials = settings.server_credentials()
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as error:  # grpc reports a failed bind this way
+    except RuntimeError as error:  # grpc (and the native front) report a failed bind this way
         raise OSError(f"cannot bind {address}: {error}") from None
     if port == 0:
         raise OSError(f"cannot bind {address}")

@@ -239,15 +239,12 @@ class _Reporter:
 
 
 def _chunk(chunk: pb.StreamChunk, stream):
-    """A chunk as the stream takes it: text, or float samples at the stream's input rate."""
+    """A chunk as the stream takes it: text, or PCM16 bytes or float samples at the stream's
+    input rate (decoded on the step thread)."""
     kind = chunk.WhichOneof("data")
     if isinstance(stream, AudioStream):
         if kind == "pcm16":
-            if len(chunk.pcm16) % 2:
-                raise InvalidInput(f"chunk.pcm16: {len(chunk.pcm16)} bytes, not a whole number of 16-bit samples")
-            from serving.audio import pcm16_to_float
-
-            return pcm16_to_float(np.frombuffer(chunk.pcm16, dtype="<i2"))
+            return chunk.pcm16
         if kind == "samples":
             return np.asarray(chunk.samples.values, dtype=np.float32)
         raise InvalidInput(f"chunk: model {stream.model.name!r} streams audio; send pcm16 or samples, not {kind}")

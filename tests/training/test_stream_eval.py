@@ -1,17 +1,20 @@
 """The continuous-speech keyword evaluation: MLPerf Tiny matching and debouncing on posteriors
-with known answers, the operating point choice, and a real run of the bundled model through the
-server's streaming code on the quick recordings."""
+with known answers, equality with the frame-by-frame evaluation it replaced on random ones, the
+operating point choice, and a real run of the bundled model through the server's streaming code
+on the quick recordings."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from detector_reference import reference_detect
 
 from serving.streaming import DetectorConfig
 from training.data.streams import Recording
-from training.stream_eval import choose, debounced, judged, score
+from training.stream_eval import HIT_AFTER_END_S, choose, debounced, detect_all, grid, judged, judged_grid, score
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["yes", "no", "_silence_", "_unknown_"]
@@ -58,6 +61,92 @@ def test_recall_comes_from_keyword_recordings_and_false_alarms_from_continuous_s
                     LABELS, HOP_MS, WINDOW_MS, CONFIG)
     assert result["recall"] == 1.0 and result["false_alarms"] == 1
     assert result["false_alarms_per_hour"] == pytest.approx(60.0)
+
+
+def _reference_score(recordings, posteriors, labels, hop_ms, window_ms, config) -> tuple:
+    """What score() counted as it was: the frame-by-frame detector on each recording, each event
+    matched in turn. Returns (times each keyword was said, hits per keyword, debounced false
+    alarms, the false alarm kinds with their counts, most first)."""
+    keywords = [label for label in labels if not label.startswith("_")]
+    said, found = dict.fromkeys(keywords, 0), dict.fromkeys(keywords, 0)
+    false_alarms, confusions = 0, {}
+    for recording, frames in zip(recordings, posteriors, strict=True):
+        matched, alarms = set(), []
+        for label, _, _ in recording.keywords:
+            said[label] += 1
+        for event in reference_detect(frames, labels, hop_ms, window_ms, config):
+            moment = event.reported_ms / 1000
+            hit, overlapped = None, None
+            for index, (label, start, end) in enumerate(recording.keywords):
+                if start <= moment <= end + HIT_AFTER_END_S and index not in matched:
+                    overlapped = label
+                    if label == event.keyword:
+                        hit = index
+                        break
+            if hit is not None:
+                matched.add(hit)
+                found[event.keyword] += 1
+            else:
+                alarms.append(moment)
+                key = f"{overlapped or 'none'}->{event.keyword}"
+                confusions[key] = confusions.get(key, 0) + 1
+        false_alarms += debounced(alarms)
+    return said, found, false_alarms, sorted(confusions.items(), key=lambda kv: -kv[1])[:8]
+
+
+def _random_recordings(rng: np.random.Generator, count: int, with_keywords: bool):
+    """Recordings of 20-40 s and their posteriors: keywords about every 1-3 s (hit windows that
+    sometimes overlap) answered by bursts that name them, name the other one, come late or come
+    twice; in speech without keywords, bumps of every height."""
+    recordings, posteriors = [], []
+    for _ in range(count):
+        frames = int(rng.integers(1000, 2000))
+        logits = rng.normal(0, 1, (frames, len(LABELS)))
+        logits[:, 3] += 2.5
+        said = []
+        if with_keywords:
+            moment = rng.uniform(0.5, 1.5)
+            while moment < frames / 50 - 3:
+                label, length = int(rng.integers(0, 2)), rng.uniform(0.3, 0.6)
+                said.append((LABELS[label], moment, moment + length))
+                kind = rng.choice(["named", "named", "named", "other", "late", "twice"])
+                named = 1 - label if kind == "other" else label
+                ends = {"late": [0.8], "twice": [-0.2, 0.3]}.get(kind, [-0.2])  # bursts, from the keyword's end
+                for at in (moment + length + after for after in ends):
+                    logits[int(at * 50) : int(at * 50) + int(rng.integers(5, 20)), named] += rng.uniform(3, 8)
+                moment += length + rng.uniform(0.3, 2.5)
+        for at in rng.integers(0, frames, frames // 100):
+            logits[at : at + int(rng.integers(3, 20)), rng.integers(0, 2)] += rng.uniform(1, 7)
+        recordings.append(Recording(np.zeros(frames * 320 + 160, np.float32), said, []))
+        posteriors.append((np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32))
+    return recordings, posteriors
+
+
+def test_the_grid_equals_the_frame_by_frame_evaluation_it_replaced():
+    rng = np.random.default_rng(7)
+    negative, negative_posteriors = _random_recordings(rng, 4, with_keywords=False)
+    keywords, keyword_posteriors = _random_recordings(rng, 4, with_keywords=True)
+    # A third of the thresholds, every smoothing and decision window, in an order that mixes them.
+    configs = [c for c in grid() if c.threshold in (0.3, 0.6, 0.85, 0.95, 0.99)][::-1]
+    results = judged_grid(negative, keywords, negative_posteriors, keyword_posteriors, LABELS, HOP_MS, WINDOW_MS,
+                          configs)
+    assert [config for config, _ in results] == configs
+    for config, result in results:
+        for recordings, posteriors in ((keywords, keyword_posteriors), (negative, negative_posteriors)):
+            said, found, false_alarms, kinds = _reference_score(recordings, posteriors, LABELS, HOP_MS, WINDOW_MS,
+                                                                config)
+            scored = score(recordings, posteriors, LABELS, HOP_MS, WINDOW_MS, config)
+            assert (scored["keywords"], scored["hits"], scored["false_alarms"]) == (
+                sum(said.values()), sum(found.values()), false_alarms)
+            assert scored["recall_per_keyword"] == {k: round(found[k] / n, 4) for k, n in said.items() if n}
+            # In their order too (ties as they first came): the card lists them as they come.
+            assert list(scored["top_false_alarms"].items()) == kinds
+        # Smoothed once for many settings, or for this one alone: the same.
+        assert json.dumps(result) == json.dumps(judged(negative, keywords, negative_posteriors, keyword_posteriors,
+                                                       LABELS, HOP_MS, WINDOW_MS, config))
+    assert any(r["false_alarms"] and 0 < r["recall"] < 1 for _, r in results), "the cases should not be trivial"
+    mined = detect_all(negative_posteriors, LABELS, HOP_MS, WINDOW_MS, configs[0])
+    assert mined == [reference_detect(p, LABELS, HOP_MS, WINDOW_MS, configs[0]) for p in negative_posteriors]
 
 
 def test_the_operating_point_is_the_most_recall_within_the_budget():

@@ -1,4 +1,5 @@
-"""Bearer-token authentication on a real server: every RPC but health needs the token."""
+"""Bearer-token authentication on a real server: every RPC but health needs the token, on each
+gRPC front (the native one runs the same interceptor)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, front_settings):
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
-    with BackgroundServer(ServerSettings(models=ROOT / "models", port=0, auth_token_file=token_file)) as running:
+    settings = ServerSettings(models=ROOT / "models", port=0, auth_token_file=token_file, **front_settings)
+    with BackgroundServer(settings) as running:
         yield running
 
 

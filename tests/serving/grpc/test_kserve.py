@@ -1,5 +1,5 @@
 """The KServe v2 service against unmodified tritonclient[grpc], on a real server on port 0
-serving the bundled models plus a plain ONNX tensor model."""
+serving the bundled models plus a plain ONNX tensor model, on each gRPC front."""
 
 from __future__ import annotations
 
@@ -40,12 +40,17 @@ def _adder(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def repository(tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("repository")
     for name in ("sentiment", "keywords"):
         shutil.copytree(ROOT / "models" / name, repository / name)
     _adder(repository / "adder" / "1")
-    with BackgroundServer(ServerSettings(models=repository, port=0)) as running:
+    return repository
+
+
+@pytest.fixture(scope="module")
+def server(repository, front_settings):
+    with BackgroundServer(ServerSettings(models=repository, port=0, **front_settings)) as running:
         yield running
 
 

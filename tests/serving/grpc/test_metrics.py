@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from busy_instances import busy_instances
 from tritonclient.utils import InferenceServerException
 
 from serving.grpc.client import RnnServeClient
@@ -69,21 +70,22 @@ def test_a_broken_model_reads_not_ready(tmp_path):
 
 
 def test_calls_past_their_deadline_are_counted_as_such_and_log_no_error(caplog):
-    # A 400 ms batching delay: a call with a 100 ms deadline gives up while its batch waits.
-    settings = ServerSettings(models=ROOT / "models", port=0, metrics_port=0, batch_max_delay_ms=400,
+    # Every instance busy: a call with a 100 ms deadline gives up while it waits in the queue.
+    settings = ServerSettings(models=ROOT / "models", port=0, metrics_port=0, batch_max_delay_ms=1,
                               batch_max_rows=64)
     with caplog.at_level(logging.ERROR), BackgroundServer(settings) as server:
-        with RnnServeClient(server.target, timeout_s=0.1) as client:
-            with pytest.raises(grpc.RpcError) as raised:
-                client.classify("sentiment", ["late again"])
-            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        kserve = triton.InferenceServerClient(url=server.target)
-        text = triton.InferInput("text", [1], "BYTES")
-        text.set_data_from_numpy(np.array([b"late"], dtype=object))
-        with pytest.raises(InferenceServerException, match="Deadline"):
-            kserve.infer("sentiment", [text], client_timeout=0.1)
-        kserve.close()
-        time.sleep(0.6)  # the abandoned batches run and find nobody waiting
+        with busy_instances(server.running.dataplane, "sentiment"):
+            with RnnServeClient(server.target, timeout_s=0.1) as client:
+                with pytest.raises(grpc.RpcError) as raised:
+                    client.classify("sentiment", ["late again"])
+                assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            kserve = triton.InferenceServerClient(url=server.target)
+            text = triton.InferInput("text", [1], "BYTES")
+            text.set_data_from_numpy(np.array([b"late"], dtype=object))
+            with pytest.raises(InferenceServerException, match="Deadline"):
+                kserve.infer("sentiment", [text], client_timeout=0.1)
+            kserve.close()
+        time.sleep(0.6)  # the abandoned jobs are taken and find nobody waiting
         with RnnServeClient(server.target) as client:
             assert client.classify("sentiment", ["on time"])[0].label
         body = _scrape(server)

@@ -1,7 +1,8 @@
 """Streams with server-held state through a real server on port 0: the typed Stream RPC and
 KServe v2 sequences (unmodified tritonclient), chunking invariance against unary calls,
 concurrency, state freed on end/cancel/disconnect/idle/deadline, misuse codes, and keyword
-detection on a synthesised recording with known keyword times."""
+detection on a synthesised recording with known keyword times. On each gRPC front: the native
+one hands these bidirectional RPCs to the grpcio server behind it, and they must work the same."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def server():
-    with BackgroundServer(ServerSettings(models=ROOT / "models", port=0)) as running:
+def server(front_settings):
+    with BackgroundServer(ServerSettings(models=ROOT / "models", port=0, **front_settings)) as running:
         yield running
 
 
@@ -279,8 +280,8 @@ def test_cancel_and_disconnect_free_the_state_within_a_second(server, how):
     channel.close()
 
 
-def test_idle_streams_and_sequences_are_ended_and_freed():
-    settings = ServerSettings(models=ROOT / "models", port=0, stream_idle_timeout_s=0.5)
+def test_idle_streams_and_sequences_are_ended_and_freed(front_settings):
+    settings = ServerSettings(models=ROOT / "models", port=0, stream_idle_timeout_s=0.5, **front_settings)
     with BackgroundServer(settings) as server, RnnServeClient(server.target) as client:
         feeder = _Feeder("sentiment")
         feeder.put("hello there ")
@@ -346,8 +347,8 @@ def test_stream_misuse_gets_a_clear_status_and_the_server_keeps_serving(server, 
     assert _final(client.stream("sentiment", ["fine ", "again"])).running.label
 
 
-def test_too_many_streams_is_resource_exhausted():
-    settings = ServerSettings(models=ROOT / "models", port=0, max_streams=2)
+def test_too_many_streams_is_resource_exhausted(front_settings):
+    settings = ServerSettings(models=ROOT / "models", port=0, max_streams=2, **front_settings)
     with BackgroundServer(settings) as server, RnnServeClient(server.target) as client:
         feeders = [_Feeder("sentiment"), _Feeder("sentiment")]
         calls = [client.stub.Stream(iter(f)) for f in feeders]

@@ -1,7 +1,9 @@
-"""TLS and mutual TLS from certificate files made here with openssl."""
+"""TLS and mutual TLS from certificate files made here with openssl; grpcio serves them, also
+under --grpc-front auto (the native front is plaintext only)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import grpc
 import pytest
 
 from serving.grpc.client import RnnServeClient
+from serving.grpc.front import native_installed
 from serving.grpc.server import BackgroundServer
 from serving.settings import ServerSettings
 
@@ -34,10 +37,12 @@ def pki(tmp_path_factory) -> Path:
     return folder
 
 
-def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki):
+@pytest.mark.parametrize("front", ["grpcio", "auto"])
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki, front, caplog):
     settings = ServerSettings(models=ROOT / "models", port=0, tls_cert_file=pki / "server.crt",
-                              tls_key_file=pki / "server.key")
-    with BackgroundServer(settings) as server:
+                              tls_key_file=pki / "server.key", grpc_front=front)
+    with caplog.at_level(logging.INFO, logger="serving.grpc.front"), BackgroundServer(settings) as server:
+        assert "gRPC front: grpcio" in caplog.text
         with RnnServeClient(server.target, tls_ca=(pki / "ca.crt").read_bytes()) as client:
             assert client.classify("sentiment", ["secure and happy"])[0].label
         with RnnServeClient(server.target, timeout_s=5) as plaintext, pytest.raises(grpc.RpcError) as error:
@@ -45,11 +50,16 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(pki):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_mutual_tls_needs_a_client_certificate(pki):
+@pytest.mark.parametrize("front", ["grpcio", "auto"])
+def test_mutual_tls_needs_a_client_certificate(pki, front, caplog):
     settings = ServerSettings(models=ROOT / "models", port=0, tls_cert_file=pki / "server.crt",
-                              tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt")
+                              tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt",
+                              grpc_front=front, keepalive_max_ping_strikes=0)
     ca = (pki / "ca.crt").read_bytes()
-    with BackgroundServer(settings) as server:
+    with caplog.at_level(logging.INFO, logger="serving.grpc.front"), BackgroundServer(settings) as server:
+        assert "gRPC front: grpcio" in caplog.text
+        if front == "auto" and native_installed():
+            assert "mutual TLS" in caplog.text, caplog.text
         with RnnServeClient(server.target, tls_ca=ca, tls_cert=(pki / "client.crt").read_bytes(),
                             tls_key=(pki / "client.key").read_bytes()) as client:
             assert client.list_models()

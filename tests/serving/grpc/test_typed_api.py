@@ -1,4 +1,5 @@
-"""The typed API over a real gRPC channel against a real server on port 0."""
+"""The typed API, health and reflection over a real gRPC channel against a real server on port 0,
+on each gRPC front (grpcio, and pygrpc-native where installed)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from training.export import load_run
 
 
 @pytest.fixture(scope="module")
-def server(model_repository):
-    with BackgroundServer(ServerSettings(models=model_repository, port=0)) as running:
+def server(model_repository, front_settings):
+    with BackgroundServer(ServerSettings(models=model_repository, port=0, **front_settings)) as running:
         yield running
 
 
@@ -149,8 +150,8 @@ def test_reflection_describes_every_service(server, symbol):
                             for f in defining)
 
 
-def test_message_over_the_size_limit_is_resource_exhausted(model_repository):
-    settings = ServerSettings(models=model_repository, port=0, max_message_bytes=2048)
+def test_message_over_the_size_limit_is_resource_exhausted(model_repository, front_settings):
+    settings = ServerSettings(models=model_repository, port=0, max_message_bytes=2048, **front_settings)
     with BackgroundServer(settings) as small, RnnServeClient(small.target) as client:
         with pytest.raises(grpc.RpcError) as raised:
             client.classify("sentiment", ["a fine day"] * 300)
@@ -158,7 +159,7 @@ def test_message_over_the_size_limit_is_resource_exhausted(model_repository):
         assert client.classify("sentiment", ["a fine day"])[0].label
 
 
-def test_a_busy_port_is_an_error_not_a_shared_port(server, model_repository):
+def test_a_busy_port_is_an_error_not_a_shared_port(server, model_repository, front_settings):
     with pytest.raises(OSError, match="cannot bind"):
-        with BackgroundServer(ServerSettings(models=model_repository, port=server.port)):
+        with BackgroundServer(ServerSettings(models=model_repository, port=server.port, **front_settings)):
             pass
