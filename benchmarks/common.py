@@ -47,6 +47,7 @@ def start_rnnserve(*flags: str) -> tuple[subprocess.Popen, str]:
     while time.monotonic() < deadline and server.poll() is None:
         match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
         if match:
+            server.log_path = log.name  # what the server logged (its metrics port, say)
             return server, f"127.0.0.1:{match.group(1)}"
         time.sleep(0.2)
     server.kill()
@@ -213,6 +214,19 @@ def closed_loop(target: str, model: str, threads: int, seconds: float, make_inpu
         "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
         "errors": int(sum(errors)), "window_s": window,
     }
+
+
+# Where a streaming server's time goes (benchmarks/streams.py and stream_load.py profiles).
+STREAM_PROFILE_GROUPS = {
+    "event loop thread (gRPC messages, handler, everything below)": "run_forever",
+    "  stream handler (typed.py Stream)": "RnnServeServicer.Stream",
+    "  audio chunk checks (limits only; decoding is on the step thread)": "AudioStream.job",
+    "  typed responses (running label, posteriors, detections)": "_Reporter.add",
+    "step batcher thread": "Batcher._instance",
+    "  audio front end (PCM decode, resample, log-mel; every stream of a step at once)": "frontend_features",
+    "  ONNX Runtime step calls": "Session.run",
+    "  keyword detector (every audio row of a step at once)": "BatchDetector.update",
+}
 
 
 def profile(pid: int, seconds: float, groups: dict[str, str]) -> dict | None:

@@ -24,7 +24,8 @@ def plot(stream_load: dict, plt) -> object:
     return figure
 
 
-def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple[list[str], dict]:
+def section(stream_load: dict | None, save_plot: Callable[[dict], str],
+            profile_table: Callable[[dict], list[str]] = lambda profile: []) -> tuple[list[str], dict]:
     """The section's lines and {"max_streams": rnnserve's typed result, "transport": the ceiling}."""
     if stream_load is None:
         return [TITLE, "", "Not measured in this run.", ""], {}
@@ -39,9 +40,16 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple
              "empty answer per chunk) runs in the same run with the same client; levels are interleaved. "
              + ("Each stream has its own connection and start." if not stream_load.get("connections") else
                 f"The streams share {stream_load['connections']} connections and start in "
-                f"{stream_load.get('start_groups') or 'their own'} groups."), "",
-             "| server | mode | largest passing level | levels (p99 ms; ✗ failed) | keyword end to detection, p50 "
-             "(ms) | client CPU at the last level (cores) |", "|---|---|---|---|---|---|"]
+                f"{stream_load.get('start_groups') or 'their own'} groups.")
+             + (f" Measured {stream_load['measured_at']}, one run per level (no repeats: a level near the limit "
+                "can pass in one run and fail in the next)." if stream_load.get("measured_at") else ""), "",
+             "Modes: `typed` answers every chunk; `typed-1s` asks for `report_every_ms` 1000 (responses on "
+             "detections and once a second); `kserve` answers every request. `rnnserve per-stream` is the same "
+             "server with `--stream-batch-max-rows 1`: every stream's step is its own step.onnx call. Rows per "
+             "step call come from the server's `rnnserve_batch_rows` metric over each level.", "",
+             "| server | mode | largest passing level | levels (p99 ms; ✗ failed) | rows per step call, by level "
+             "| keyword end to detection, p50 (ms) | client CPU at the last level (cores) |",
+             "|---|---|---|---|---|---|---|"]
     for server, by_mode in stream_load["servers"].items():
         for mode, data in by_mode.items():
             cells = ", ".join(f"{level['streams']}: {level['p99_ms']:.0f}{'' if level['passed'] else ' ✗'}"
@@ -49,7 +57,9 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple
             timed = [level["keyword_latency_ms"]["p50"] for level in data["levels"]
                      if level["passed"] and level.get("keyword_latency_ms")]
             last = data["levels"][-1]
-            lines.append(f"| {server} | {mode} | **{data['max_streams']}** | {cells} | "
+            rows = ", ".join(f"{level['rows_per_step_call']:.1f}" for level in data["levels"]
+                             if level.get("rows_per_step_call") is not None) or "–"
+            lines.append(f"| {server} | {mode} | **{data['max_streams']}** | {cells} | {rows} | "
                          f"{f'{timed[-1]:.0f}' if timed else '–'} | {last['client_cpu_s'] / last['wall_s']:.2f} |")
     typed = stream_load["servers"].get("rnnserve", {}).get("typed")
     ceiling = stream_load["servers"].get("transport only", {}).get("typed")
@@ -59,12 +69,23 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str]) -> tuple
         lines += ["", f"rnnserve holds {facts['max_streams']} typed "
                   f"streams, {facts['max_streams'] / facts['transport']:.0%} of the transport-only ceiling "
                   f"({facts['transport']}; a ceiling at the last level tried means more was not tried)."]
+    single = stream_load["servers"].get("rnnserve per-stream", {}).get("typed")
+    if typed and single:
+        facts["per_stream"] = single["max_streams"]
+        ratio = (f"{typed['max_streams'] / single['max_streams']:.1f}x" if single["max_streams"]
+                 else "not a ratio: per-stream execution passed no level tried")
+        lines += ["", f"Cellular batching holds {typed['max_streams']} typed streams, per-stream execution "
+                  f"{single['max_streams']}: {ratio} (goal: 2x)."]
     failures = [(server, mode, level) for server, by_mode in stream_load["servers"].items()
                 for mode, data in by_mode.items() for level in data["levels"] if not level["passed"]]
+    if failures:
+        lines += ["", "Where each failing level failed:", ""]
     for server, mode, level in failures:
         lines.append(f"- {server}, {mode}, {level['streams']} streams: kept pace {level['streams_kept_pace']}/"
                      f"{level['streams']}, detections equal {level['detections_equal']}/{level['streams']}"
                      + (f", behind: {level['behind']}" if level["behind"] else "")
                      + (f", first error: {level['first_error']}" if level["first_error"] else ""))
+    if stream_load.get("profile"):
+        lines += ["", *profile_table(stream_load["profile"])]
     lines += ["", f"![stream load]({save_plot(stream_load)})", ""]
     return lines, facts

@@ -1,7 +1,7 @@
 """Concurrent real-time keyword streams driven by the compiled load generator (benchmarks/loadgen,
 Go), so the client takes little of the CPU the server runs on.
 
-    python benchmarks/stream_load.py                                # 50 ... 700 streams, typed and KServe
+    python benchmarks/stream_load.py                                # 10 ... 700 streams, every mode and server
     python benchmarks/stream_load.py --levels 50,100 --modes typed --seconds 8
     python benchmarks/stream_load.py --quick                        # 3 streams of 2.5 s (the test suite's run)
     python benchmarks/stream_load.py --build-only                   # only build benchmarks/loadgen/bin/loadgen
@@ -19,19 +19,25 @@ Writes benchmarks/results/stream_load.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_only  # noqa: E402  (benchmarks/ is not a package)
-from common import start_rnnserve, write_results  # noqa: E402
+from common import STREAM_PROFILE_GROUPS as PROFILE_GROUPS  # noqa: E402
+from common import profile, start_rnnserve, write_results  # noqa: E402
 from recordings import write_recordings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +87,51 @@ def outcome(stream: dict) -> list:
     return [(d["keyword"], round(d["start_ms"], 1), round(d["end_ms"], 1)) for d in stream["detections"]]
 
 
+# What a mode name asks of the load generator: its -mode and flags. "typed" answers every chunk;
+# "typed-1s" asks for report_every_ms 1000 (responses on detections and once a second).
+MODES = {"typed": ("typed", ()), "kserve": ("kserve", ()), "typed-1s": ("typed", ("-report-every-ms", "1000"))}
+# The servers a run can hold: rnnserve with cellular batching (every stream step waiting at one
+# moment in one step.onnx call, up to 256 rows), rnnserve running each stream's step on its own
+# (--stream-batch-max-rows 1), and the do-nothing transport-only server.
+SERVERS = {"rnnserve": (), "rnnserve per-stream": ("--stream-batch-max-rows", "1")}
+# The modes each server runs (rnnserve: all): per-stream execution is compared on typed streams,
+# the transport ceiling on both protocols.
+SERVER_MODES = {"rnnserve per-stream": {"typed"}, "transport only": {"typed", "kserve"}}
+
+
+def names_of(servers: str) -> list[str]:
+    return [name.strip() for name in servers.split(",")]
+
+
+def runs(server: str, mode: str) -> bool:
+    return mode in SERVER_MODES.get(server, MODES)
+
+
+def metrics_url(server) -> str | None:
+    """The Prometheus URL a server started by start_rnnserve logged (None: not rnnserve)."""
+    path = getattr(server, "log_path", None)
+    match = path and re.search(r"Prometheus metrics on (http://\S+/metrics)", Path(path).read_text())
+    return match.group(1) if match else None
+
+
+def step_calls(url: str | None) -> tuple[float, float]:
+    """(step.onnx calls, rows in them) so far for the keywords model, from the server's metrics."""
+    if url is None:
+        return 0.0, 0.0
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for name in ("count", "sum"):
+        found = re.search(rf'^rnnserve_batch_rows_{name}{{model="keywords/step"}} (\S+)$', text, re.M)
+        values[name] = float(found.group(1)) if found else 0.0
+    return values["count"], values["sum"]
+
+
 def level(target: str, manifest: Path, mode: str, streams: int, reference: dict[int, list],
-          flags: tuple[str, ...]) -> dict:
-    summary = run_loadgen(target, manifest, mode, streams, flags=flags)
+          flags: tuple[str, ...], metrics: str | None = None) -> dict:
+    loadgen_mode, mode_flags = MODES[mode]
+    calls_before, rows_before = step_calls(metrics)
+    summary = run_loadgen(target, manifest, loadgen_mode, streams, flags=flags + mode_flags)
+    calls_after, rows_after = step_calls(metrics)
     per_stream = summary["per_stream"]
     differing = [s["stream"] for s in per_stream if outcome(s) != reference[s["recording"]]]
     latency = summary["latency_ms"] or {}
@@ -96,6 +144,9 @@ def level(target: str, manifest: Path, mode: str, streams: int, reference: dict[
         "keywords_spoken": summary["keywords_spoken"], "keywords_missed": summary["keywords_missed"],
         "stream_errors": summary["stream_errors"], "first_error": summary.get("first_error", ""),
         "wall_s": summary["wall_s"], "client_cpu_s": summary["client_cpu_s"],
+        "step_calls": calls_after - calls_before,
+        "rows_per_step_call": round((rows_after - rows_before) / (calls_after - calls_before), 2)
+        if calls_after > calls_before else None,
     }
     result["passed"] = (latency.get("p99") is not None and latency["p99"] <= P99_LIMIT_MS
                         and summary["all_kept_pace"] and not differing and not summary["stream_errors"])
@@ -108,14 +159,20 @@ def describe(server: str, mode: str, result: dict) -> str:
             f"p99 {result['p99_ms'] or 0:7.1f} ms  kept pace {result['streams_kept_pace']}/{result['streams']}  "
             f"detections equal {result['detections_equal']}/{result['streams']}"
             + (f"  keyword->detection p50 {keyword['p50']:.0f} ms" if keyword else "")
+            + (f"  {result['rows_per_step_call']:.1f} rows/step call" if result.get("rows_per_step_call") else "")
             + f"  client CPU {result['client_cpu_s']:.2f} s  {'ok' if result['passed'] else 'FAIL'}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--levels", default="50,100,200,300,500,700", help="comma-separated stream counts")
-    parser.add_argument("--modes", default="typed,kserve", help="typed (RnnServe.Stream), kserve (sequences)")
-    parser.add_argument("--servers", default="rnnserve,transport only", help="rnnserve, transport only")
+    parser.add_argument("--levels", default="10,25,50,75,100,150,200,300,500,700",
+                        help="comma-separated stream counts")
+    parser.add_argument("--modes", default="typed,kserve,typed-1s",
+                        help="typed (RnnServe.Stream, a response per chunk), kserve (sequences), typed-1s "
+                             "(report_every_ms 1000: responses on detections and once a second)")
+    parser.add_argument("--servers", default="rnnserve,rnnserve per-stream,transport only",
+                        help="rnnserve (cellular batching), rnnserve per-stream (--stream-batch-max-rows 1), "
+                             "transport only")
     parser.add_argument("--recordings", type=int, default=4, help="distinct recordings the streams play")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each recording (one stream)")
     parser.add_argument("--connections", type=int, default=0,
@@ -144,9 +201,17 @@ def main() -> int:
     levels = [int(v) for v in args.levels.split(",")]
     flags = ("-connections", str(args.connections), "-start-groups", str(args.start_groups))
     modes = [m.strip() for m in args.modes.split(",")]
-    starters = {"rnnserve": lambda: start_rnnserve("--max-streams", "5000"), "transport only": transport_only.start}
-    names = [s.strip() for s in args.servers.split(",")]
+    known_servers = [*SERVERS, "transport only"]
+    unknown = [m for m in modes if m not in MODES] + [n for n in names_of(args.servers) if n not in known_servers]
+    if unknown:
+        parser.error(f"unknown mode or server: {', '.join(unknown)} (modes: {', '.join(MODES)}; "
+                     f"servers: {', '.join([*SERVERS, 'transport only'])})")
+    starters = {name: functools.partial(start_rnnserve, "--max-streams", "5000", "--metrics-port", "0", *extra)
+                for name, extra in SERVERS.items()}
+    starters["transport only"] = transport_only.start
+    names = names_of(args.servers)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "client": "benchmarks/loadgen (Go)",
+              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "chunk_ms": 100, "recordings": args.recordings, "seconds_per_stream": args.seconds,
               "p99_limit_ms": P99_LIMIT_MS, "connections": args.connections, "start_groups": args.start_groups,
               "servers": {}}
@@ -157,19 +222,38 @@ def main() -> int:
             for name in names:
                 servers[name] = starters[name]()
             references = {(name, mode): {s["recording"]: outcome(s) for s in
-                                         run_loadgen(target, manifest, mode, alone=True)["per_stream"]}
-                          for name, (_, target) in servers.items() for mode in modes}
+                                         run_loadgen(target, manifest, MODES[mode][0], alone=True,
+                                                     flags=MODES[mode][1])["per_stream"]}
+                          for name, (_, target) in servers.items() for mode in modes if runs(name, mode)}
             failed: set[tuple[str, str]] = set()
             for streams in levels:
                 for mode in modes:
-                    for name, (_, target) in servers.items():
-                        if (name, mode) in failed:
+                    for name, (process, target) in servers.items():
+                        if (name, mode) in failed or not runs(name, mode):
                             continue
-                        result = level(target, manifest, mode, streams, references[(name, mode)], flags)
+                        result = level(target, manifest, mode, streams, references[(name, mode)], flags,
+                                       metrics_url(process))
                         report["servers"].setdefault(name, {}).setdefault(mode, {"levels": []})["levels"].append(result)
                         print(describe(name, mode, result), flush=True)
                         if not result["passed"]:
                             failed.add((name, mode))
+            # Where rnnserve's time goes at its first failing typed level (or the last one tried),
+            # with the compiled client: one more run of that level with py-spy attached.
+            typed = report["servers"].get("rnnserve", {}).get("typed")
+            if typed and not args.quick:
+                process, target = servers["rnnserve"]
+                at = typed["levels"][-1]["streams"]
+                recorder = threading.Thread(target=lambda: report.__setitem__(
+                    "profile", profile(process.pid, max(2.0, args.seconds - 3), PROFILE_GROUPS)))
+                loader = threading.Thread(target=run_loadgen, args=(target, manifest, "typed", at),
+                                          kwargs={"flags": flags})
+                loader.start()
+                time.sleep(1.0)  # the streams are open and paced
+                recorder.start()
+                recorder.join()
+                loader.join()
+                if report.get("profile"):
+                    report["profile"]["streams"] = at
         finally:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)

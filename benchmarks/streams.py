@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_only  # noqa: E402  (benchmarks/ is not a package)
+from common import STREAM_PROFILE_GROUPS as PROFILE_GROUPS  # noqa: E402
 from common import profile, start_rnnserve, summary, write_results  # noqa: E402
 from recordings import keyword_recording, pcm16  # noqa: E402
 
@@ -99,15 +100,6 @@ def measure(target: str, streams: int, seconds: float, repeats: int, pcm: bytes)
     return result
 
 
-PROFILE_GROUPS = {
-    "event loop thread (gRPC messages, handler, everything below)": "run_forever",
-    "  stream handler (typed.py Stream)": "RnnServeServicer.Stream",
-    "  audio chunk checks (limits only; decoding is on the step thread)": "AudioStream.job",
-    "step batcher thread": "Batcher._instance",
-    "  audio front end (PCM decode, resample, log-mel; every stream of a step at once)": "frontend_features",
-    "  ONNX Runtime step calls": "Session.run",
-    "  keyword detector (every audio row of a step at once)": "BatchDetector.update",
-}
 
 
 def main() -> int:

@@ -80,6 +80,10 @@ class RuntimeOptions:
     instances: int = 1
     # Intra-op threads of stream step graphs; 0: intra_op_threads, or one when that is 0.
     step_intra_op_threads: int = 0
+    # Sessions of stream step graphs; 0: `instances`. A step call's own work besides ONNX Runtime
+    # (audio front end, detector, padding) holds the interpreter lock, so a second step instance
+    # mostly competes with the event loop (measured: README, "Model instances").
+    step_instances: int = 0
 
     @property
     def on_gpu(self) -> bool:
@@ -96,8 +100,10 @@ class RuntimeOptions:
 
     def for_steps(self) -> RuntimeOptions:
         """Stream step graphs: a few frames of a few streams per call, too little work to split
-        over threads, so one intra-op thread unless one was set explicitly."""
-        return replace(self, intra_op_threads=self.step_intra_op_threads or self.intra_op_threads or 1)
+        over threads, so one intra-op thread unless one was set explicitly; step_instances
+        sessions."""
+        return replace(self, intra_op_threads=self.step_intra_op_threads or self.intra_op_threads or 1,
+                       instances=self.step_instances or self.instances)
 
 
 CPU_DEFAULTS = RuntimeOptions()

@@ -54,12 +54,24 @@ def test_a_short_run_against_a_real_server_passes(tmp_path):
         # A real-time condition on shared cores: one stall of the machine fails a level, so a
         # failing run is tried once more; a server that cannot keep 3 streams fails both.
         report = quick_run(tmp_path / "stream_load.json")
-    assert set(report["servers"]) == {"rnnserve", "transport only"}
+    assert set(report["servers"]) == {"rnnserve", "rnnserve per-stream", "transport only"}
     assert {(server, mode) for server, mode, _ in levels(report)} == {
-        (server, mode) for server in ("rnnserve", "transport only") for mode in ("typed", "kserve")}
+        ("rnnserve", "typed"), ("rnnserve", "kserve"), ("rnnserve", "typed-1s"), ("rnnserve per-stream", "typed"),
+        ("transport only", "typed"), ("transport only", "kserve")}
     for server, mode, level in levels(report):
         assert level["passed"], (server, mode, level)
         assert level["streams_kept_pace"] == level["detections_equal"] == level["streams"] == 3
+    # Rows per step.onnx call come from the server's own metrics: one stream's step per call when
+    # cellular batching is off, never more than the streams when it is on.
+    per_stream = report["servers"]["rnnserve per-stream"]["typed"]["levels"][0]
+    assert per_stream["step_calls"] > 0 and per_stream["rows_per_step_call"] == 1.0
+    for mode in ("typed", "kserve", "typed-1s"):
+        cellular = report["servers"]["rnnserve"][mode]["levels"][0]
+        assert cellular["step_calls"] > 0 and 1.0 <= cellular["rows_per_step_call"] <= 3.0
+    assert report["servers"]["transport only"]["typed"]["levels"][0]["rows_per_step_call"] is None
+    # Reports once a second answer fewer times than a response per chunk, with the same detections.
+    assert (report["servers"]["rnnserve"]["typed-1s"]["levels"][0]["responses"]
+            < report["servers"]["rnnserve"]["typed"]["levels"][0]["responses"])
     typed = report["servers"]["rnnserve"]["typed"]["levels"][0]
     # Every spoken keyword is either timed from its end to its detection or counted as missed.
     assert typed["keywords_spoken"] == 3

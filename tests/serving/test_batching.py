@@ -187,7 +187,7 @@ def test_many_instances_under_64_clients_equal_unbatched_results_and_overlap():
     import tritonclient.grpc as triton
 
     settings = ServerSettings(models=ROOT / "models", port=0, instances=2, intra_op_threads=1,
-                              batch_max_delay_ms=2, batch_max_rows=16)
+                              batch_max_delay_ms=2, batch_max_rows=16, stream_instances=0)
     rng = np.random.default_rng(1)
     requests = [_texts(rng, int(rng.integers(1, 5))) for _ in range(64)]
     alone = DataPlane(load_repository(ROOT / "models", only={"sentiment"}), batching=None)
@@ -208,7 +208,7 @@ def test_many_instances_under_64_clients_equal_unbatched_results_and_overlap():
 
         with ThreadPoolExecutor(len(requests)) as pool:
             served = list(pool.map(send, range(len(requests))))
-        # Stream steps run on the same number of instances (of step.onnx).
+        # With stream_instances=0 stream steps run on the same number of instances (of step.onnx).
         tensor = triton.InferInput("text", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([b"a fine day "], dtype=object))
         kserve.infer("sentiment", [tensor], sequence_id=1, sequence_start=True, sequence_end=True)

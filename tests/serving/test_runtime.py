@@ -69,7 +69,14 @@ def test_stream_step_graphs_get_one_thread_unless_set():
     folder = ROOT / "models" / "sentiment" / "1"
     default = load_version("sentiment", folder, ServerSettings(device="cpu", instances=2).runtime_options())
     assert default.step_session._session.get_session_options().intra_op_num_threads == 1
-    assert len(default.sessions) == len(default.step_sessions) == 2
+    # Stream steps: one session unless asked for more (their Python work holds the GIL).
+    assert len(default.sessions) == 2 and len(default.step_sessions) == 1
+    every = load_version("sentiment", folder, ServerSettings(device="cpu", instances=2, stream_instances=0)
+                         .runtime_options())
+    assert len(every.sessions) == len(every.step_sessions) == 2
+    three = load_version("sentiment", folder, ServerSettings(device="cpu", instances=1, stream_instances=3)
+                         .runtime_options())
+    assert len(three.sessions) == 1 and len(three.step_sessions) == 3
     # One instance gets every core as threads for the batch graph; its step graph still one.
     single = load_version("sentiment", folder, ServerSettings(device="cpu", instances=1).runtime_options())
     assert single.step_session._session.get_session_options().intra_op_num_threads == 1
