@@ -43,8 +43,8 @@ protos: $(VENV)/.installed-dev ## regenerate serving/grpc/generated (and the loa
 	$(BIN)/python protos/generate.py
 
 models: $(VENV)/.installed-dev ## retrain the bundled models and export them as new versions in models/
-	$(BIN)/rnnserve train sentiment --export-to models
-	$(BIN)/rnnserve train topic --export-to models
+	$(BIN)/rnnserve train sentiment --seeds 5 --export-to models
+	$(BIN)/rnnserve train topic --seeds 5 --export-to models
 	$(BIN)/rnnserve train keywords --export-to models
 	$(BIN)/rnnserve evaluate-stream models/keywords/$$(ls models/keywords | sort -n | tail -1) --write-card
 

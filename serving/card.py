@@ -76,6 +76,38 @@ class DataInfo(_Strict):
     split: dict[str, int | float | str | list[float]] = Field(
         description="split method, seed, fractions and part sizes"
     )
+    deduplication: dict[str, int | float | str] | None = Field(
+        None, description="duplicates removed before splitting: texts before, exact and near copies removed, "
+        "the near-copy similarity threshold and the method"
+    )
+
+
+class SeedRun(_Strict):
+    seed: int
+    run: str
+    validation_accuracy: float
+    validation_macro_f1: float
+    test_accuracy: float
+    test_macro_f1: float
+
+
+class SeedSummary(_Strict):
+    """The same recipe trained with several seeds on the same split; the shipped weights are the
+    seed chosen on validation, and the means say what the recipe gives."""
+
+    seeds: list[int]
+    chosen_seed: int
+    chosen_on: str
+    validation_accuracy_mean: float
+    validation_accuracy_std: float = Field(description="sample standard deviation over the seeds")
+    validation_macro_f1_mean: float
+    validation_macro_f1_std: float
+    test_accuracy_mean: float
+    test_accuracy_std: float
+    test_macro_f1_mean: float
+    test_macro_f1_std: float
+    training_seconds_total: float
+    per_seed: list[SeedRun]
 
 
 class ExportInfo(_Strict):
@@ -142,6 +174,8 @@ class ModelCard(_Strict):
     int8: QuantizationInfo | None = None
     limits: Limits = Limits()
     metrics: EvaluationMetrics
+    # Several seeds of the recipe (`rnnserve train --seeds N`): metrics above are the chosen seed's.
+    seeds: SeedSummary | None = None
     # Further evaluations, e.g. held-out clips of training voices or streamed test audio.
     evaluations: dict[str, EvaluationMetrics] = {}
     # Keyword detection on long streamed recordings (training/stream_eval.py): operating points

@@ -266,8 +266,10 @@ class DataPlane:
         Detector settings left out (or 0) come from the card's evaluated default, else DetectorConfig's."""
         model = self.model(name, version)
         if not model.streaming:
-            why = "it is bidirectional" if model.card and model.card.architecture.get("bidirectional") else (
-                "it has no step graph")
+            architecture = model.card.architecture if model.card else {}
+            why = ("it is bidirectional" if architecture.get("bidirectional") else
+                   "it reads its input in independent chunks" if architecture.get("chunk_tokens") else
+                   "it has no step graph")
             raise InvalidInput(f"model {name!r} does not stream ({why}); send whole inputs with Classify/ModelInfer")
         limits = self.limits(model)
         if model.frontend is not None:

@@ -1,12 +1,17 @@
-"""The whole path through the command line: quick train -> export -> serve -> examples/classify.py."""
+"""The whole path through the command line: quick train -> export -> serve -> examples/classify.py,
+and the quick topic recipe (chunked whole articles, two seeds) served to both APIs."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RNNSERVE = [sys.executable, "-m", "serving"]
@@ -96,3 +101,64 @@ def test_train_on_own_csv_and_serve_it(tmp_path):
 def test_train_without_task_or_data_is_refused(tmp_path):
     result = _run([*RNNSERVE, "train"])
     assert result.returncode == 2 and "name a bundled task or give --data" in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_topic_recipe_trains_exports_and_serves_long_articles(tmp_path):
+    """Two seeds of the quick topic recipe through `rnnserve train --export-to`, then a real server
+    classifies an article longer than the default text limit by the typed API and KServe's `text`
+    tensor, as ONNX Runtime does on the graph directly, and refuses to stream it."""
+    import grpc
+    import onnxruntime
+    import tritonclient.grpc as triton
+
+    from serving.grpc.client import RnnServeClient
+    from serving.text import TextEncoder
+
+    models = tmp_path / "models"
+    trained = subprocess.run(
+        [*RNNSERVE, "train", "topic", "--quick", "--seeds", "2", "--epochs", "1", "--embedding-init", "svd",
+         "--runs-dir", str(tmp_path / "runs"), "--export-to", str(models)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert trained.returncode == 0, trained.stderr
+    folder = models / "topic" / "1"
+    assert not (folder / "step.onnx").exists()
+    card = json.loads((folder / "model.json").read_text())
+    assert card["architecture"]["chunk_tokens"] > 0 and card["streaming"] is None
+    assert card["data"]["deduplication"]["exact_removed"] > 0
+    assert card["seeds"]["seeds"] == [13, 14] and card["limits"]["max_text_chars"] > 4096
+    assert card["export"]["parity_max_abs_diff"] <= 1e-4
+
+    rows = [json.loads(line) for line in open(Path(card["seeds"]["per_seed"][0]["run"]) / "test.jsonl")]
+    article = max((row["text"] for row in rows), key=len)
+    assert len(article) > 4096
+    encoder = TextEncoder.from_file(folder / "tokenizer.json", card["preprocessing"]["max_tokens"])
+    input_ids, lengths = encoder.pad(encoder.token_ids([article]))
+    assert input_ids.shape[1] > card["architecture"]["chunk_tokens"]  # more than one chunk
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": input_ids, "lengths": lengths})
+    expected = card["labels"][int(logits.argmax())]
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([*RNNSERVE, "serve", "--models", str(models), "--port", "0"],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        port = _wait_for_port(server, log_path, deadline_s=120)
+        with RnnServeClient(f"127.0.0.1:{port}") as client:
+            (result,) = client.classify("topic", [article])
+            assert result.label == expected
+            with pytest.raises(grpc.RpcError) as refused:
+                list(client.stream("topic", ["some words"]))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "chunks" in refused.value.details()
+        kserve = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        text = triton.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([article.encode()], dtype=object))
+        answer = kserve.infer("topic", [text])
+        assert answer.as_numpy("label")[0].decode() == expected
+        kserve.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

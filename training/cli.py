@@ -33,10 +33,14 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--hidden-size", type=int)
     train.add_argument("--embedding-dim", type=int)
     train.add_argument("--num-layers", type=int)
-    train.add_argument("--pooling", choices=["last", "mean", "max", "frame_max"])
+    train.add_argument("--pooling", choices=["last", "mean", "max", "max_mean", "frame_max"])
     train.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
                        help="bidirectional RNN (batch only; needs --pooling mean or max)")
     train.add_argument("--dropout", type=float)
+    train.add_argument("--chunk-tokens", type=int,
+                       help="read texts in independent chunks of this many tokens, pooled (batch only; 0: whole)")
+    train.add_argument("--embedding-dropout", type=float, help="drop whole embedding rows (training only)")
+    train.add_argument("--weight-dropout", type=float, help="DropConnect on hidden-to-hidden weights (training only)")
     for config_field in fields(TrainConfig):
         train.add_argument(f"--{config_field.name.replace('_', '-')}", type=type(config_field.default))
     train.add_argument("--export-to", type=Path, metavar="MODELS_DIR",
@@ -109,12 +113,16 @@ def _train(args: argparse.Namespace) -> int:
         print("error: name a bundled task or give --data PATH (one of the two)", file=sys.stderr)
         return 2
     spec = TASKS[args.task] if args.task else _custom_task(args)
-    config = quick(spec.train) if args.quick else spec.train
+    config = replace(quick(spec.train), **spec.quick_train) if args.quick else spec.train
     config = replace(config, **{
         f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None
     })
+    if spec.modality == "audio" and config.seeds > 1:
+        print("error: --seeds trains text models; a keyword spotter trains one seed", file=sys.stderr)
+        return 2
     model = dict(spec.model, **(spec.quick_model if args.quick else {}))
-    for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional"):
+    for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional",
+                 "chunk_tokens", "embedding_dropout", "weight_dropout"):
         if getattr(args, name) is not None:
             model[name] = getattr(args, name)
     if spec.modality == "audio":
@@ -131,6 +139,8 @@ def _train(args: argparse.Namespace) -> int:
     trainer, extra = train_text_classifier, {}
     if spec.modality == "audio":
         from training.keywords import train_keyword_spotter as trainer
+    if spec.modality == "text":
+        extra["limits"] = spec.limits
     if spec.continuous_speech:
         from training.data.streams import (
             QUICK_STREAM_DATA,
@@ -214,6 +224,12 @@ def _print_run(run_dir: Path) -> None:
     print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"(baseline {baseline['accuracy']:.4f} / {baseline['macro_f1']:.4f}) "
           f"in {run['training_seconds']:.0f} s")
+    if "seeds" in run:
+        seeds = run["seeds"]
+        print(f"{len(seeds['seeds'])} seeds: test accuracy {seeds['test_accuracy_mean']:.4f} +- "
+              f"{seeds['test_accuracy_std']:.4f}, macro-F1 {seeds['test_macro_f1_mean']:.4f} +- "
+              f"{seeds['test_macro_f1_std']:.4f}; chose seed {seeds['chosen_seed']} on validation "
+              f"({seeds['training_seconds_total']:.0f} s in all)")
     for name, extra in run.get("evaluations", {}).items():
         print(f"{name}: accuracy {extra['accuracy']:.4f}, macro-F1 {extra['macro_f1']:.4f}")
 

@@ -358,6 +358,11 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
         full = text_batches(encoder, [row["text"] for row in rows])[:-1]
         labels = np.array([run["labels"].index(row["label"]) for row in rows])
 
+    if config.chunk_tokens and exporter == "dynamo":
+        # Dynamo's GRU decomposition unrolls a recurrence over a fixed time axis, and a chunk's
+        # is fixed (chunk_tokens); TorchScript keeps the native operator.
+        log.info("chunked model: exporting with the TorchScript exporter")
+        exporter = "torchscript"
     model_dir = models_dir / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
@@ -375,7 +380,7 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
             check_graph(staging / "model.onnx", config)
         worst = check_parity(model, staging / "model.onnx", batches)
         streaming = None
-        if not config.bidirectional:
+        if not (config.bidirectional or config.chunk_tokens):
             streaming = _export_streaming(model, staging, batches)
         int8 = quantize_and_measure(staging / "model.onnx", staging / "model.int8.onnx", full, labels)
         if not audio:
@@ -392,8 +397,9 @@ def export_run(run_dir: Path, models_dir: Path, name: str, exporter: str = "dyna
             preprocessing=preprocessing,
             streaming=streaming,
             int8=int8,
-            limits=Limits(),
+            limits=Limits(**run.get("limits", {})),
             metrics=run["metrics"],
+            seeds=run.get("seeds"),
             evaluations=run.get("evaluations", {}),
             baseline=run["baseline"],
             baseline_method=run["baseline_method"],

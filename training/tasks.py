@@ -21,10 +21,14 @@ class TaskSpec:
     modality: str = "text"
     model: dict = field(default_factory=dict)
     train: TrainConfig = TrainConfig()
-    # Model overrides for --quick runs (a smaller network).
+    # Model overrides for --quick runs (a smaller network), and training overrides on top of
+    # training.config.quick (fewer or shorter texts where the data is long).
     quick_model: dict = field(default_factory=dict)
+    quick_train: dict = field(default_factory=dict)
     # Keyword spotting trained on synthesised continuous speech too (training/stream_training.py).
     continuous_speech: bool = False
+    # Serving limits for the card (serving.card.Limits fields) where the defaults do not fit.
+    limits: dict = field(default_factory=dict)
 
 
 def _load_sentiment(quick: bool = False) -> TextDataset:
@@ -76,15 +80,21 @@ TASKS: dict[str, TaskSpec] = {
     "topic": TaskSpec(
         name="topic",
         description="5-class news topic (business, entertainment, politics, sport, tech) of English "
-        "news articles; GRU over the first 300 tokens",
+        "news articles; GRU reading the whole article in chunks of 32 tokens, max and mean pooled; "
+        "batch only (the chunks do not stream)",
         load=_load_topic,
-        model={"cell": "gru", "embedding_dim": 128, "hidden_size": 128, "num_layers": 1,
-               "dropout": 0.4, "pooling": "max"},
-        # Tried: 200 tokens/dropout 0.3 (0.95 validation), 600 tokens/hidden 96 (0.928 test);
-        # 300 tokens with dropout 0.4 on embeddings and pooled states did best (0.950 test).
-        train=TrainConfig(epochs=20, batch_size=32, learning_rate=5e-3, patience=6, max_tokens=300,
-                          vocab_size=8000),
+        # Measured one step at a time on the deduplicated split (README, "The text recipe"): the
+        # whole article in chunks with LSA-initialised embeddings learnt slowly under max pooling
+        # (0.922 test after 4 epochs); max+mean pooling and a higher learning rate reached 0.976
+        # validation in 2 epochs.
+        model={"cell": "gru", "embedding_dim": 64, "hidden_size": 64, "num_layers": 1,
+               "dropout": 0.3, "pooling": "max_mean", "chunk_tokens": 32, "embedding_dropout": 0.1},
+        train=TrainConfig(epochs=8, batch_size=32, learning_rate=8e-3, patience=3, max_tokens=8192,
+                          vocab_size=16000, dedup_threshold=0.9, embedding_init="svd"),
         quick_model={"embedding_dim": 32, "hidden_size": 32},
+        quick_train={"max_train_examples": 300, "max_tokens": 1024},
+        # Whole articles: the longest BBC article has 25,427 characters.
+        limits={"max_text_chars": 32768},
     ),
     "keywords": TaskSpec(
         name="keywords",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from training import distributed
 from training.baseline import BASELINE_METHOD, tfidf_baseline
 from training.config import TrainConfig
 from training.data import TextDataset, predefined_split, stratified_split
+from training.data.dedup import find_duplicates
+from training.embeddings import EMBEDDING_INITS, svd_embeddings
 from training.loop import fit, git_revision, predict, write_run
 from training.metrics import evaluation_metrics
 from training.models.classifier import ClassifierConfig, RNNClassifier
@@ -74,23 +76,45 @@ def train_text_classifier(
     runs_dir: Path,
     command: str,
     progress: bool = True,
+    limits: dict | None = None,
 ) -> Path | None:
     """Train, evaluate against the baseline on the same split, and write a run directory.
+
+    With config.dedup_threshold, duplicate texts are removed before splitting. With
+    config.seeds > 1, one run directory per seed is written on the same split and the one
+    chosen on validation is returned, its run.json holding every seed's scores. `limits`
+    (serving.card.Limits fields) go into run.json for the card.
 
     Under torchrun every rank trains on its shard of each epoch's batches (DistributedSampler)
     with DistributedDataParallel; losses and metrics are reduced across ranks and only rank 0
     writes the run directory (the other ranks return None).
     """
-    started = time.perf_counter()
+    if config.embedding_init not in EMBEDDING_INITS:
+        raise ValueError(f"embedding_init must be one of {EMBEDDING_INITS}, got {config.embedding_init!r}")
     context = distributed.setup()
     try:
-        return _train(task, description, dataset, model_overrides, config, runs_dir, command,
-                      progress and context.is_main, context, started)
+        deduplication = None
+        if config.dedup_threshold > 0:
+            deduplication = find_duplicates(dataset.texts, config.dedup_threshold)
+            dataset = dataset.subset(deduplication.kept)
+            if context.is_main:
+                log.info("removed %d exact and %d near duplicates (cosine >= %g) of %d texts",
+                         deduplication.exact_removed, deduplication.near_removed, config.dedup_threshold,
+                         deduplication.examples_before)
+        run_dirs = []
+        for seed in range(config.seed, config.seed + max(config.seeds, 1)):
+            run_dirs.append(_train(task, description, dataset, model_overrides, replace(config, seed=seed), runs_dir,
+                                   command, progress and context.is_main, context, deduplication, limits))
+        if not context.is_main:
+            return None
+        return choose_seed(run_dirs) if len(run_dirs) > 1 else run_dirs[0]
     finally:
         distributed.teardown(context)
 
 
-def _train(task, description, dataset, model_overrides, config, runs_dir, command, progress, context, started):
+def _train(task, description, dataset, model_overrides, config, runs_dir, command, progress, context, deduplication,
+           limits):
+    started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
@@ -98,7 +122,7 @@ def _train(task, description, dataset, model_overrides, config, runs_dir, comman
         split = predefined_split(dataset.parts)
         method = "predefined"
     else:
-        split = stratified_split(dataset.labels, seed=config.seed)
+        split = stratified_split(dataset.labels, seed=config.split_seed)
         method = "stratified"
     train_data = dataset.subset(split.train)
     if config.max_train_examples and len(train_data) > config.max_train_examples:
@@ -120,7 +144,13 @@ def _train(task, description, dataset, model_overrides, config, runs_dir, comman
         vocab_size=tokenizer.get_vocab_size(), num_classes=len(dataset.label_names), pad_id=PAD_ID,
         **model_overrides,
     )
-    model = RNNClassifier(model_config).to(context.device)
+    model = RNNClassifier(model_config)
+    if config.embedding_init == "svd":
+        table = svd_embeddings(train_split.token_ids, model_config.vocab_size, model_config.embedding_dim,
+                               seed=config.seed, pad_id=PAD_ID)
+        with torch.no_grad():
+            model.embedding.weight.copy_(torch.from_numpy(table))
+    model = model.to(context.device)
 
     def scores(split: EncodedSplit):
         def score(scored_model, index):
@@ -164,10 +194,12 @@ def _train(task, description, dataset, model_overrides, config, runs_dir, comman
         "metrics": test_metrics.model_dump(),
         "baseline": baseline.model_dump(),
         "baseline_method": BASELINE_METHOD,
+        "validation": best_validation(history),
         "data": {
             "source": dataset.source,
             "digest": dataset.digest(),
             "examples": len(dataset),
+            "deduplication": deduplication.summary() if deduplication else None,
             "split": {
                 "method": method,
                 "seed": split.seed,
@@ -177,6 +209,7 @@ def _train(task, description, dataset, model_overrides, config, runs_dir, comman
                 "test": len(test_data),
             },
         },
+        "limits": limits or {},
         "training_command": command,
         "training_seconds": round(time.perf_counter() - started, 1),
         "world_size": context.world_size,
@@ -186,3 +219,39 @@ def _train(task, description, dataset, model_overrides, config, runs_dir, comman
     write_run(run_dir, model, run, dataset.label_names)
     return run_dir
 
+
+
+def best_validation(history: list[dict]) -> dict:
+    """Validation accuracy and macro-F1 of the epoch whose weights were kept (the best macro-F1)."""
+    best = max(history, key=lambda epoch: epoch["validation_macro_f1"])
+    return {"epoch": best["epoch"], "accuracy": best["validation_accuracy"], "macro_f1": best["validation_macro_f1"]}
+
+
+def choose_seed(run_dirs: list[Path]) -> Path:
+    """The run with the best validation macro-F1 (then accuracy, then the lower seed), its
+    run.json given the summary of every seed: validation and test metrics per seed, their
+    means and standard deviations. Test scores play no part in the choice."""
+    runs = [json.loads((run_dir / "run.json").read_text()) for run_dir in run_dirs]
+    chosen = max(range(len(runs)), key=lambda i: (runs[i]["validation"]["macro_f1"],
+                                                  runs[i]["validation"]["accuracy"], -i))
+    per_seed = [{
+        "seed": run["train_config"]["seed"],
+        "run": str(run_dir),
+        "validation_accuracy": run["validation"]["accuracy"],
+        "validation_macro_f1": run["validation"]["macro_f1"],
+        "test_accuracy": run["metrics"]["accuracy"],
+        "test_macro_f1": run["metrics"]["macro_f1"],
+    } for run_dir, run in zip(run_dirs, runs, strict=True)]
+    summary = {"seeds": [row["seed"] for row in per_seed], "chosen_seed": per_seed[chosen]["seed"],
+               "chosen_on": "validation macro-F1, then validation accuracy"}
+    for key in ("validation_accuracy", "validation_macro_f1", "test_accuracy", "test_macro_f1"):
+        values = np.array([row[key] for row in per_seed])
+        summary[f"{key}_mean"] = round(float(values.mean()), 4)
+        summary[f"{key}_std"] = round(float(values.std(ddof=1)), 4)
+    summary["training_seconds_total"] = round(sum(run["training_seconds"] for run in runs), 1)
+    summary["per_seed"] = per_seed
+    run = dict(runs[chosen], seeds=summary)
+    (run_dirs[chosen] / "run.json").write_text(json.dumps(run, indent=2))
+    log.info("seeds %s: test accuracy %.4f +- %.4f, chose seed %d on validation", summary["seeds"],
+             summary["test_accuracy_mean"], summary["test_accuracy_std"], summary["chosen_seed"])
+    return run_dirs[chosen]

@@ -35,8 +35,9 @@ GOOD_TEXTS = [
 ]
 TONE = (0.2 * np.sin(2 * np.pi * 440 * np.arange(24000) / 16000)).astype(np.float32)
 
-# A client in its own process: a text stream (topic) and an audio stream (keywords), both fed
-# every 50 ms until the process dies; "open" once both have been answered.
+# A client in its own process: a text stream (topic/1; topic/2 reads whole articles in chunks
+# and does not stream) and an audio stream (keywords), both fed every 50 ms until the process
+# dies; "open" once both have been answered.
 CLIENT = """
 import sys, threading, time
 import numpy as np
@@ -64,7 +65,7 @@ def run(stream):
             first = False
             started.wait()
 
-threading.Thread(target=run, args=(client.stream("topic", text_chunks()),), daemon=True).start()
+threading.Thread(target=run, args=(client.stream("topic", text_chunks(), version="1"),), daemon=True).start()
 threading.Thread(target=run, args=(client.stream("keywords", audio_chunks(), sample_rate_hz=16000),),
                  daemon=True).start()
 started.wait()
@@ -211,7 +212,7 @@ def test_early_ends_of_every_kind_leave_the_other_streams_untouched():
         good = GoodStreams(server.target, seconds=2.5).start()
         channel = grpc.insecure_channel(server.target)
         stub = rnnserve_pb2_grpc.RnnServeStub(channel)
-        feeders = {name: _Feeder("topic") for name in ("cancel", "deadline", "idle", "misuse")}
+        feeders = {name: _Feeder("topic", version="1") for name in ("cancel", "deadline", "idle", "misuse")}
         calls = {name: stub.Stream(iter(feeder), timeout=0.8 if name == "deadline" else 30)
                  for name, feeder in feeders.items()}
         for feeder in feeders.values():
@@ -221,7 +222,7 @@ def test_early_ends_of_every_kind_leave_the_other_streams_untouched():
         kserve = triton.InferenceServerClient(server.target)
         text = triton.InferInput("text", [1], "BYTES")
         text.set_data_from_numpy(np.array([b"bonds "], dtype=object))
-        kserve.infer("topic", [text], sequence_id=9, sequence_start=True)
+        kserve.infer("topic", [text], model_version="1", sequence_id=9, sequence_start=True)
         assert _sample(server, "rnnserve_active_streams", model="topic") == 5
 
         calls["cancel"].cancel()
@@ -240,7 +241,7 @@ def test_early_ends_of_every_kind_leave_the_other_streams_untouched():
                   for reason in ("cancelled", "deadline", "idle", "error")}
         assert closed == {"cancelled": 1, "deadline": 1, "idle": 2, "error": 1}, closed
         with pytest.raises(InferenceServerException, match="has ended"):
-            kserve.infer("topic", [text], sequence_id=9)
+            kserve.infer("topic", [text], model_version="1", sequence_id=9)
         for feeder in feeders.values():
             feeder.close()
         good.check()

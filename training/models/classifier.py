@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
-POOLINGS = ("last", "mean", "max", "frame_max")
+POOLINGS = ("last", "mean", "max", "max_mean", "frame_max")
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,20 @@ class ClassifierConfig:
     # "last" reads the output at position length-1; "mean"/"max" pool the RNN outputs over the
     # real (unpadded) positions only, so padding never changes a result; "frame_max" applies the
     # head to every frame and takes each class's largest logit over the real positions (a
-    # keyword spotter's per-frame scores, pooled over a clip).
+    # keyword spotter's per-frame scores, pooled over a clip); "max_mean" concatenates the max and
+    # the mean (the mean's gradient reaches every position, the max's only the largest) in
+    # batch-only models.
     pooling: str = "last"
     pad_id: int = 0
+    # Text read in independent chunks of this many tokens through the one recurrent encoder,
+    # pooled over all real positions of all chunks: a long text costs chunk_tokens sequential
+    # steps rather than its length. 0 reads the text as one sequence. Chunked models do not
+    # stream (a stream's state would run across chunk borders).
+    chunk_tokens: int = 0
+    # AWD-LSTM regularisation, training only: drop whole rows of the embedding table (every
+    # occurrence of a token in a batch at once), and DropConnect on the hidden-to-hidden weights.
+    embedding_dropout: float = 0.0
+    weight_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.vocab_size > 0) == (self.feature_dim > 0):
@@ -41,6 +52,13 @@ class ClassifierConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.bidirectional and self.pooling in ("last", "frame_max"):
             raise ValueError(f"pooling={self.pooling!r} needs a unidirectional model; use mean or max")
+        pools_positions = self.pooling in ("mean", "max", "max_mean")
+        if self.chunk_tokens < 0 or (self.chunk_tokens and not (self.vocab_size and pools_positions)):
+            raise ValueError("chunk_tokens needs a text model with mean, max or max_mean pooling")
+        if self.pooling == "max_mean" and not (self.bidirectional or self.chunk_tokens):
+            raise ValueError("pooling='max_mean' is for batch-only (bidirectional or chunked) models")
+        if self.chunk_tokens and self.bidirectional:
+            raise ValueError("chunk_tokens needs a unidirectional model")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +89,8 @@ class RNNClassifier(nn.Module):
         )
         directions = 2 if config.bidirectional else 1
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size * directions, config.num_classes)
+        pooled = 2 if config.pooling == "max_mean" else 1
+        self.head = nn.Linear(config.hidden_size * directions * pooled, config.num_classes)
         # Set while exporting: packed sequences do not export, so a bidirectional model runs
         # its RNN unpacked and export wires the ONNX operator's sequence_lens input instead,
         # which gives the backward direction the same start as packing does.
@@ -86,28 +105,56 @@ class RNNClassifier(nn.Module):
         """
         embedded = self.encode(inputs)
         if frames:
-            if self.config.bidirectional:
-                raise ValueError("per-step outputs need a unidirectional model")
-            return self.head(self.dropout(self.rnn(embedded)[0]))
+            if self.config.bidirectional or self.config.chunk_tokens:
+                raise ValueError("per-step outputs need a unidirectional model that reads its input whole")
+            return self.head(self.dropout(self.recur(embedded)[0]))
         if self.config.pooling == "frame_max":
-            frame_logits = self.head(self.dropout(self.rnn(embedded)[0]))
+            frame_logits = self.head(self.dropout(self.recur(embedded)[0]))
             return self.pool(frame_logits, lengths, "max")
-        if self.config.bidirectional and not self.exporting:
+        if self.config.chunk_tokens:
+            outputs = self.recur_chunks(embedded)
+        elif self.config.bidirectional and not self.exporting:
             packed = nn.utils.rnn.pack_padded_sequence(
                 embedded, lengths.cpu(), batch_first=True, enforce_sorted=False
             )
             outputs, _ = nn.utils.rnn.pad_packed_sequence(
-                self.rnn(packed)[0], batch_first=True, total_length=inputs.shape[1]
+                self.recur(packed)[0], batch_first=True, total_length=inputs.shape[1]
             )
         else:
-            outputs, _ = self.rnn(embedded)
+            outputs, _ = self.recur(embedded)
         return self.head(self.dropout(self.pool(outputs, lengths, self.config.pooling)))
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Token embeddings or normalised features [B, T, input size], before the RNN."""
-        if self.config.vocab_size:
-            return self.dropout(self.embedding(inputs))
-        return self.dropout((inputs - self.feature_mean) / self.feature_std)
+        if not self.config.vocab_size:
+            return self.dropout((inputs - self.feature_mean) / self.feature_std)
+        rate = self.config.embedding_dropout
+        if self.training and rate:
+            table = self.embedding.weight
+            keep = torch.empty(table.shape[0], 1, device=table.device).bernoulli_(1 - rate) / (1 - rate)
+            return self.dropout(nn.functional.embedding(inputs, table * keep, self.config.pad_id))
+        return self.dropout(self.embedding(inputs))
+
+    def recur(self, inputs, initial=None):
+        """The recurrent layers, with DropConnect on their hidden-to-hidden weights in training."""
+        rate = self.config.weight_dropout
+        arguments = (inputs,) if initial is None else (inputs, initial)
+        if not (self.training and rate):
+            return self.rnn(*arguments)
+        dropped = {name: nn.functional.dropout(weight, rate) for name, weight in self.rnn.named_parameters()
+                   if name.startswith("weight_hh")}
+        return torch.func.functional_call(self.rnn, dropped, arguments)
+
+    def recur_chunks(self, embedded: torch.Tensor) -> torch.Tensor:
+        """[B, T, E] -> RNN outputs [B, T, D], each run of chunk_tokens positions read on its
+        own from a zero state. Chunks start at fixed positions, so padding at the end of a row
+        never changes its real positions' outputs."""
+        size = self.config.chunk_tokens
+        batch, time, width = embedded.shape
+        chunks = (time + size - 1) // size
+        padded = nn.functional.pad(embedded, (0, 0, 0, chunks * size - time))
+        outputs, _ = self.recur(padded.reshape(batch * chunks, size, width))
+        return outputs.reshape(batch, chunks * size, outputs.shape[-1])[:, :time]
 
     @staticmethod
     def pool(outputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -115,6 +162,9 @@ class RNNClassifier(nn.Module):
         if pooling == "last":
             index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
             return outputs.gather(1, index).squeeze(1)
+        if pooling == "max_mean":
+            pools = [RNNClassifier.pool(outputs, lengths, "max"), RNNClassifier.pool(outputs, lengths, "mean")]
+            return torch.cat(pools, dim=-1)
         positions = torch.arange(outputs.shape[1], device=outputs.device).unsqueeze(0)
         valid = (positions < lengths.unsqueeze(1)).unsqueeze(-1)
         if pooling == "mean":

@@ -59,8 +59,8 @@ def test_requests_errors_queue_compute_and_batch_sizes_are_exported():
 
 
 def test_a_broken_model_reads_not_ready(tmp_path):
-    for name in ("sentiment", "topic"):
-        shutil.copytree(ROOT / "models" / name, tmp_path / name)
+    shutil.copytree(ROOT / "models" / "sentiment", tmp_path / "sentiment")
+    shutil.copytree(ROOT / "models" / "topic" / "1", tmp_path / "topic" / "1")  # its one version, broken
     onnx_file = tmp_path / "topic" / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
     with BackgroundServer(ServerSettings(models=tmp_path, port=0, metrics_port=0)) as server:
