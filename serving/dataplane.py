@@ -18,7 +18,7 @@ from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelEntry, ModelVersion
 from serving.runtime import OnnxSession
-from serving.streaming import Stream, StreamLimits, StreamManager
+from serving.streaming import Stream, StreamLimits, StreamManager, softmax
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,6 @@ class Prediction:
     probabilities: np.ndarray
     # (label, probability), most probable first; empty unless top_k was asked for
     top: list[tuple[str, float]]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)

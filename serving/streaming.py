@@ -173,7 +173,7 @@ def _detect(model: ModelVersion, states: list[DetectorState], frame_logits: np.n
     if not states:
         return []
     state, detections, smoothed = keyword_detector(model).update(
-        DetectorState.stack(states), _softmax(frame_logits.astype(np.float64)), lengths
+        DetectorState.stack(states), softmax(frame_logits.astype(np.float64)), lengths
     )
     peaks = np.where((np.arange(smoothed.shape[1]) < lengths[:, None])[..., None], smoothed, -np.inf).max(axis=1)
     return [{"detector": row, "detections": found, "posteriors_peak": peak}
@@ -186,7 +186,8 @@ def initial_state(model: ModelVersion) -> dict[str, np.ndarray]:
     }
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis (labels), for logits of any rank: one row, a batch, frames of a batch."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 

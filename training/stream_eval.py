@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.detector import BatchDetector, Detection, DetectorConfig, Events
-from serving.streaming import StepRow, _softmax, run_steps
+from serving.streaming import StepRow, run_steps, softmax
 
 CHUNK_S = 0.1
 HIT_AFTER_END_S = 0.5
@@ -70,7 +70,7 @@ def frame_posteriors(version, recordings, chunk_s: float = CHUNK_S, group: int =
                 for index, (result,) in zip(live, run_steps(version, payloads), strict=True):
                     states[index] = result.state
                     pieces[index].append(result.frame_logits)
-        outputs.extend(_softmax(np.concatenate(p).astype(np.float64)).astype(np.float32) for p in pieces)
+        outputs.extend(softmax(np.concatenate(p).astype(np.float64)).astype(np.float32) for p in pieces)
     return outputs
 
 

@@ -12,7 +12,7 @@ from detector_reference import ReferenceDetector
 
 from serving.detector import DetectorConfig
 from serving.repository import load_version
-from serving.streaming import StepRow, _softmax, initial_state, keyword_detector, run_steps
+from serving.streaming import StepRow, initial_state, keyword_detector, run_steps, softmax
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_the_detector_of_a_step_batch_equals_each_stream_on_its_own(version, spe
         for i, (result,) in zip(live, results[1:], strict=True):
             states[i], detectors[i] = result.state, result.detector
             events[i] += result.detections
-            found, smoothed = references[i].update(_softmax(result.frame_logits.astype(np.float64)))
+            found, smoothed = references[i].update(softmax(result.frame_logits.astype(np.float64)))
             expected[i] += found
             np.testing.assert_array_equal(result.posteriors_peak, smoothed.max(axis=0))
             taken[i] += 1
