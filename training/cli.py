@@ -43,6 +43,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--weight-dropout", type=float, help="DropConnect on hidden-to-hidden weights (training only)")
     for config_field in fields(TrainConfig):
         train.add_argument(f"--{config_field.name.replace('_', '-')}", type=type(config_field.default))
+    train.add_argument("--clip-checkpoint", type=Path, metavar="PATH",
+                       help="keywords: keep the clip stage's weights here and start from them when this file "
+                       "holds the same data, model and settings (compare stream-training variants)")
     train.add_argument("--export-to", type=Path, metavar="MODELS_DIR",
                        help="export the run into this model repository when training ends")
     train.set_defaults(handler=_train)
@@ -120,6 +123,9 @@ def _train(args: argparse.Namespace) -> int:
     if spec.modality == "audio" and config.seeds > 1:
         print("error: --seeds trains text models; a keyword spotter trains one seed", file=sys.stderr)
         return 2
+    if args.clip_checkpoint is not None and not spec.continuous_speech:
+        print("error: --clip-checkpoint is for the bundled keywords task (two-stage training)", file=sys.stderr)
+        return 2
     model = dict(spec.model, **(spec.quick_model if args.quick else {}))
     for name in ("cell", "hidden_size", "embedding_dim", "num_layers", "pooling", "dropout", "bidirectional",
                  "chunk_tokens", "embedding_dropout", "weight_dropout"):
@@ -161,6 +167,7 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         settings = QUICK_CONTINUOUS_TRAINING if args.quick else ContinuousSpeechTraining()
         extra["continuous"] = (banks, replace(settings, seed=config.seed))
+        extra["clip_checkpoint"] = args.clip_checkpoint
     run_dir = trainer(
         spec.name, spec.description, dataset, model, config, args.runs_dir,
         "rnnserve " + shlex.join(sys.argv[1:]), progress=sys.stderr.isatty(), **extra,

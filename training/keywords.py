@@ -111,6 +111,7 @@ def train_keyword_spotter(
     streaming: StreamTraining = StreamTraining(),
     frontend_config: FrontendConfig = KEYWORD_FRONTEND,
     continuous=None,
+    clip_checkpoint: Path | None = None,
 ) -> Path | None:
     """Train, evaluate (unseen voices, seen voices, streamed), compare with the baseline and
     write a run directory; under torchrun only rank 0 writes it (the others return None).
@@ -118,20 +119,25 @@ def train_keyword_spotter(
     continuous: (banks, ContinuousSpeechTraining) from training/data/streams.py and
     training/stream_training.py: train on long recordings of continuous speech with frame-level
     targets, carried state and hard-negative mining (the bundled task); None trains on the clips
-    alone (users' Speech Commands folders)."""
+    alone (users' Speech Commands folders).
+
+    clip_checkpoint: with continuous training, where the clip stage's weights are kept: read (and
+    the clip stage skipped) when the file was written by the same data, model and settings,
+    written after the clip stage otherwise. Stream-training variants can so start from one clip
+    stage; a resumed run continues exactly as the whole run would (the random state is kept)."""
     started = time.perf_counter()
     context = distributed.setup()
     try:
         return _train(task, description, data, model_overrides, config, runs_dir, command,
                       progress and context.is_main, context, started, augment, streaming, frontend_config,
-                      continuous)
+                      continuous, clip_checkpoint)
     finally:
         distributed.teardown(context)
 
 
 def _train(task, description, data: AudioClips, model_overrides, config: TrainConfig, runs_dir, command,
            progress, context, started, augment: AugmentConfig, streaming: StreamTraining,
-           frontend_config: FrontendConfig, continuous=None):
+           frontend_config: FrontendConfig, continuous=None, clip_checkpoint: Path | None = None):
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     parts = np.asarray(data.parts)
@@ -200,12 +206,19 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         banks, settings = continuous
         # Two stages: the clip recipe first (it learns the words), then continuous speech from
         # those weights (it learns to stay quiet while people talk, and where a keyword ends).
-        history = fit(
-            model, config, context, task, data.label_names,
-            train_batches=train_batches, batch_loss=batch_loss,
-            validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
-            validation_labels=labels[index["validation"]], rng=rng, progress=progress,
-        ) if settings.pretrain_on_clips else []
+        history = []
+        if settings.pretrain_on_clips:
+            def clip_stage():
+                return fit(
+                    model, config, context, task, data.label_names,
+                    train_batches=train_batches, batch_loss=batch_loss,
+                    validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
+                    validation_labels=labels[index["validation"]], rng=rng, progress=progress,
+                )
+            history = _clip_stage(clip_checkpoint, clip_stage, model, {
+                "data_digest": data.digest(), "model_config": model_config.to_dict(), "train_config": asdict(config),
+                "augment_config": asdict(augment), "frontend": asdict(frontend.config), "joined": joined,
+            }) if context.world_size == 1 else clip_stage()
         trainer = StreamTrainer(model, banks, data.clips[index["train"]], labels[index["train"]], data.label_names,
                                 frontend, augmenter, settings, progress)
         rounds = trainer.train()
@@ -275,6 +288,26 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         run["continuous_speech_training"] = continuous_summary
     write_run(run_dir, model, run, data.label_names)
     return run_dir
+
+
+def _clip_stage(path: Path | None, train, model, made_by: dict) -> list:
+    """The clip stage's history, its weights in `model`: read from `path` when it holds the weights
+    of the same `made_by`, else trained (and written to `path`, if given)."""
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("made_by") == made_by:
+            model.load_state_dict(saved["state"])
+            torch.set_rng_state(saved["torch_rng"])
+            log.info("clip stage read from %s", path)
+            return saved["history"]
+        log.warning("%s holds another clip stage (other data, model or settings): training it again", path)
+    history = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"made_by": made_by, "state": model.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "history": history}, path)
+        log.info("clip stage written to %s", path)
+    return history
 
 
 def _stream_evaluation(model, frontend: LogMel, data: AudioClips, test_index: np.ndarray, per_stream: int,

@@ -30,7 +30,7 @@ from serving.audio import LogMel
 from serving.audio import pcm16_to_float as to_float
 from serving.streaming import DetectorConfig
 from training.augment import Augmenter
-from training.data.streams import Bank, Mix, compose, evaluation_recordings, frame_targets
+from training.data.streams import Bank, Mix, compose, evaluation_recordings, frame_targets, keyword_windows
 from training.keywords import clip_frames, clip_logits
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,12 @@ class ContinuousSpeechTraining:
     clip_batch: int = 24  # joined-clip sequences per optimizer step (the clip objective)
     clips_per_sequence: int = 3
     clip_weight: float = 1.0
-    keyword_weight: float = 4.0  # cross-entropy weight of keyword frames (they are rare)
+    # "max_pool": each keyword is learnt on the one frame of its window (training/data/streams.py
+    # keyword_windows) where the model gives it most, the window's other frames left free;
+    # "cross_entropy": on every frame from its end to 300 ms after. Background frames are
+    # learnt as _unknown_ (speech) or _silence_ either way.
+    loss: str = "max_pool"
+    keyword_weight: float = 20.0  # loss weight of a keyword's frames (they are rare)
     learning_rate: float = 1e-3  # fine-tuning the clip-trained weights
     final_learning_rate_fraction: float = 0.05
     mining_threshold: float = 0.4
@@ -67,6 +72,39 @@ def frame_logits(model, features: torch.Tensor, state):
     encoded = model.encode(features)
     outputs, state = model.rnn(encoded, state)
     return model.head(model.dropout(outputs)), state
+
+
+IGNORED = -100  # a frame the stream loss leaves free
+
+
+def max_pool_targets(recording, frames: int, hop_samples: int, window_samples: int,
+                     labels: list[str]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The max-pooling loss's frame targets [frames] of one recording, and its keyword windows:
+    background as frame_targets gives it, IGNORED on each keyword's window and on the frames up to
+    300 ms after its end (firing late there is not penalised); `pick_maxima` then gives each
+    window the one frame the keyword is learnt on."""
+    targets = frame_targets(recording, frames, hop_samples, window_samples, labels)
+    targets[~np.char.startswith(np.asarray(labels)[targets], "_")] = IGNORED
+    windows = keyword_windows(recording, frames, hop_samples, window_samples, labels)
+    for _, first, last in windows:
+        targets[first : last + 1] = IGNORED
+    return targets, windows
+
+
+def pick_maxima(logits: torch.Tensor, targets: torch.Tensor, windows: list[list[tuple[int, int, int]]],
+                offset: int) -> torch.Tensor:
+    """Targets of one chunk (frames offset .. offset + T of each lane; logits [B, T, C]) with each
+    keyword window's frame of highest log-probability for its keyword set to that keyword (a
+    window cut by the chunk's edge: its frame in this chunk)."""
+    targets = targets.clone()
+    log_probabilities = torch.log_softmax(logits.detach(), -1)
+    frames = logits.shape[1]
+    for lane, lane_windows in enumerate(windows):
+        for label, first, last in lane_windows:
+            first, last = max(first - offset, 0), min(last - offset, frames - 1)
+            if first <= last:
+                targets[lane, first + int(log_probabilities[lane, first : last + 1, label].argmax())] = label
+    return targets
 
 
 def _reset_lanes(state, lanes: torch.Tensor):
@@ -143,8 +181,14 @@ class StreamTrainer:
         waves = np.stack([np.pad(r.samples[:length], (0, max(0, length - len(r.samples)))) for r in recordings])
         features = self.augmenter.features(waves, self.rng)
         frames = features.shape[1]
-        targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
-                            for r in recordings])
+        if settings.loss == "max_pool":
+            built = [max_pool_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
+                     for r in recordings]
+            targets, windows = np.stack([t for t, _ in built]), [w for _, w in built]
+        else:
+            targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
+                                for r in recordings])
+            windows = None
         for recording in recordings:
             seconds = length / 16000
             self.seen["recording_hours"] += seconds / 3600
@@ -152,7 +196,7 @@ class StreamTrainer:
             speech_seconds = sum(min(end, seconds) - start for start, end in recording.speech if start < seconds)
             self.seen["speech_without_keyword_hours"] += max(0.0, speech_seconds - keyword_seconds) / 3600
             self.seen["keywords"] += sum(1 for _, start, end in recording.keywords if end <= seconds)
-        return torch.from_numpy(features), torch.from_numpy(targets)
+        return torch.from_numpy(features), torch.from_numpy(targets), windows
 
     def _clip_batch(self):
         settings = self.settings
@@ -178,7 +222,7 @@ class StreamTrainer:
             bar = tqdm(range(settings.batches_per_round), desc=f"keywords round {round_number}/{settings.rounds}",
                        disable=not self.progress, leave=False, unit="batch")
             for _ in bar:
-                features, targets = self._stream_batch()
+                features, targets, windows = self._stream_batch()
                 resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
                 state = _reset_lanes(state, resets)
                 # Truncated backpropagation through time: one optimizer step per chunk, the state
@@ -188,9 +232,12 @@ class StreamTrainer:
                     piece = features[:, start : start + settings.chunk_frames]
                     logits, state = frame_logits(model, piece, state)
                     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+                    chunk_targets = targets[:, start : start + settings.chunk_frames]
+                    if windows is not None:
+                        chunk_targets = pick_maxima(logits, chunk_targets, windows, start)
                     stream_loss = nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        targets[:, start : start + settings.chunk_frames].reshape(-1), weight=self.weights)
+                        logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), weight=self.weights,
+                        ignore_index=IGNORED)
                     clip_features, clip_targets = self._clip_batch()
                     pooled = clip_logits(frame_logits(model, clip_features, None)[0], self.clip_ranges, "frame_max")
                     clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),

@@ -66,6 +66,11 @@ _SPACES = re.compile(r"\s+")
 WORDS_PER_SECOND = 2.4
 # Frames from a keyword's end to this long after it carry the keyword's label.
 TARGET_AFTER_END_S = 0.3
+# The max-pooling loss's window around a keyword's end (training/stream_training.py): it may fire on
+# any of its frames. A detection opens there and is reported decision_ms later, which must still
+# be within 0.5 s of the keyword's end to count as a hit.
+MAX_POOL_BEFORE_END_S = 0.25
+MAX_POOL_AFTER_END_S = 0.2
 
 
 class StreamDataError(RuntimeError):
@@ -523,6 +528,21 @@ def frame_targets(recording: Recording, frames: int, hop_samples: int, window_sa
     return targets
 
 
+def keyword_windows(recording: Recording, frames: int, hop_samples: int, window_samples: int,
+                    labels: list[str]) -> list[tuple[int, int, int]]:
+    """(label id, first, last frame) of each keyword's max-pooling window: the frames that end
+    between MAX_POOL_BEFORE_END_S before the keyword's end (not before its start) and
+    MAX_POOL_AFTER_END_S after it, those a detection reported in time can fire on."""
+    ends = (np.arange(frames) * hop_samples + window_samples) / SAMPLE_RATE_HZ
+    windows = []
+    for keyword, start, end in recording.keywords:
+        first = max(start, end - MAX_POOL_BEFORE_END_S)
+        inside = np.flatnonzero((ends >= first) & (ends <= end + MAX_POOL_AFTER_END_S))
+        if inside.size:
+            windows.append((labels.index(keyword), int(inside[0]), int(inside[-1])))
+    return windows
+
+
 def negative_recording(bank: Bank, utterances: list[int], rng: np.random.Generator, mix: Mix) -> Recording:
     """Continuous speech with no keyword: the given prose utterances read one after another."""
     built = _Builder(rng, mix)
@@ -613,4 +633,4 @@ def _keyword_recordings(bank: Bank, voice: str, takes: list[int], prose: list[in
 
 
 __all__ = ["Bank", "Mix", "Recording", "StreamDataConfig", "build_banks", "compose", "evaluation_recordings",
-           "frame_targets", "SynthesisError"]
+           "frame_targets", "keyword_windows", "SynthesisError"]

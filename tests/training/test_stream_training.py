@@ -1,0 +1,158 @@
+"""Stream training of the keyword spotter: the max-pooling loss's targets, truncated
+backpropagation that carries state the way a whole pass does, hard-negative mining, and the
+clip stage kept for later runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.speech import KEYWORDS, LABELS, SILENCE, UNKNOWN
+from training.data.streams import (
+    MAX_POOL_AFTER_END_S,
+    MAX_POOL_BEFORE_END_S,
+    TARGET_AFTER_END_S,
+    Bank,
+    Recording,
+    keyword_windows,
+)
+from training.keywords import _clip_stage
+from training.models.classifier import ClassifierConfig, RNNClassifier
+from training.stream_training import IGNORED, frame_logits, max_pool_targets, pick_maxima
+
+HOP, WINDOW = 320, 480
+
+
+def _frame_ends(frames: int) -> np.ndarray:
+    return (np.arange(frames) * HOP + WINDOW) / 16000
+
+
+def test_max_pool_windows_and_targets_lie_where_the_recording_put_its_keywords():
+    # "stop" said from 1.0 to 1.5 s, "go" from 3.0 to 3.1 s (shorter than the window before its end).
+    recording = Recording(np.zeros(6 * 16000, np.float32), [("stop", 1.0, 1.5), ("go", 3.0, 3.1)],
+                          [(1.0, 1.5), (2.0, 3.6)])
+    frames = (len(recording.samples) - WINDOW) // HOP + 1
+    ends = _frame_ends(frames)
+    windows = keyword_windows(recording, frames, HOP, WINDOW, LABELS)
+    assert [label for label, _, _ in windows] == [LABELS.index("stop"), LABELS.index("go")]
+    # Frames ending from 0.25 s before the end to 0.2 s after it, and never before the start.
+    assert (MAX_POOL_BEFORE_END_S, MAX_POOL_AFTER_END_S) == (0.25, 0.2)
+    for (_, first, last), (low, high) in zip(windows, [(1.25, 1.7), (3.0, 3.3)], strict=True):
+        inside = np.flatnonzero((ends >= low - 1e-9) & (ends <= high + 1e-9))
+        assert (first, last) == (inside[0], inside[-1])
+
+    targets, same_windows = max_pool_targets(recording, frames, HOP, WINDOW, LABELS)
+    assert same_windows == windows
+    free = np.zeros(frames, bool)
+    for (_, first, last), (_, _, end) in zip(windows, recording.keywords, strict=True):
+        free[first : last + 1] = True
+        free[(ends >= end) & (ends <= end + TARGET_AFTER_END_S)] = True
+    assert np.all(targets[free] == IGNORED)
+    # No frame is a keyword before pick_maxima chooses one; the rest is speech or silence.
+    starts = np.arange(frames) * HOP / 16000
+    speech = ((ends > 1.0) & (starts < 1.5)) | ((ends > 2.0) & (starts < 3.6))
+    assert np.all(targets[~free & speech] == LABELS.index(UNKNOWN))
+    assert np.all(targets[~free & ~speech] == LABELS.index(SILENCE))
+
+
+def test_pick_maxima_gives_each_window_its_most_likely_frame_in_the_chunk():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(2, 50, len(LABELS))).astype(np.float32))
+    targets = torch.full((2, 50), IGNORED, dtype=torch.int64)
+    stop, go = LABELS.index("stop"), LABELS.index("go")
+    # Lane 0: a window inside the chunk (frames 110..120 of the stream; the chunk starts at 100)
+    # and one that ended before it. Lane 1: a window cut by the chunk's end (frames 140..160).
+    windows = [[(stop, 110, 120), (go, 10, 20)], [(go, 140, 160)]]
+    picked = pick_maxima(logits, targets, windows, offset=100)
+    log_probabilities = torch.log_softmax(logits, -1)
+    assert torch.equal(torch.nonzero(picked[0] != IGNORED).flatten(),
+                       torch.tensor([10 + int(log_probabilities[0, 10:21, stop].argmax())]))
+    assert torch.equal(torch.nonzero(picked[1] != IGNORED).flatten(),
+                       torch.tensor([40 + int(log_probabilities[1, 40:50, go].argmax())]))
+    assert int(picked[0][picked[0] != IGNORED]) == stop and int(picked[1][picked[1] != IGNORED]) == go
+    assert torch.all(targets == IGNORED)  # the chunk's targets are left as they were
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_chunks_with_carried_state_equal_one_pass_over_the_whole_sequence(cell):
+    torch.manual_seed(0)
+    model = RNNClassifier(ClassifierConfig(num_classes=len(LABELS), feature_dim=40, cell=cell, hidden_size=16,
+                                           num_layers=2, pooling="frame_max")).eval()
+    features = torch.randn(3, 230, 40)
+    with torch.no_grad():
+        whole, whole_state = frame_logits(model, features, None)
+        state, pieces = None, []
+        for start in range(0, 230, 60):  # the training loop's chunks; the last one shorter
+            logits, state = frame_logits(model, features[:, start : start + 60], state)
+            pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-5, rtol=0)
+    for carried, once in zip(state if cell == "lstm" else (state,), whole_state if cell == "lstm" else (whole_state,),
+                             strict=True):
+        torch.testing.assert_close(carried, once, atol=1e-5, rtol=0)
+
+
+def _tone_bank() -> Bank:
+    parts, frequency = [], 300
+    for split_voice in ("a", "b"):
+        for kind, label, seconds in [("keyword", k, 0.4) for k in KEYWORDS] + [("prose", UNKNOWN, 3.0)] * 6:
+            t = np.arange(int(seconds * 16000)) / 16000
+            parts.append((kind, label, split_voice, (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)))
+            frequency += 41
+    return Bank.join(parts)
+
+
+def _trainer(fires_on: str):
+    """A StreamTrainer whose model answers `fires_on` on every frame (its head's bias)."""
+    from serving.audio import LogMel
+    from training.augment import AugmentConfig, Augmenter
+    from training.keywords import KEYWORD_FRONTEND
+    from training.stream_training import QUICK_CONTINUOUS_TRAINING, StreamTrainer
+
+    torch.manual_seed(0)
+    model = RNNClassifier(ClassifierConfig(num_classes=len(LABELS), feature_dim=40, hidden_size=8, num_layers=1,
+                                           pooling="frame_max"))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-10.0)
+        model.head.bias[LABELS.index(fires_on)] = 10.0
+    frontend = LogMel(KEYWORD_FRONTEND)
+    bank = _tone_bank()
+    clips = np.zeros((4, 16000), np.int16)
+    return StreamTrainer(model, {"train": bank, "mining": bank, "validation": bank}, clips, np.zeros(4, np.int64),
+                         LABELS, frontend, Augmenter(AugmentConfig(), frontend), QUICK_CONTINUOUS_TRAINING)
+
+
+def test_mining_adds_the_stretches_the_model_fired_on_and_nothing_when_it_is_quiet():
+    quiet = _trainer(UNKNOWN)
+    assert quiet.mine() == 0 and quiet.hard_negatives == []
+    firing = _trainer("stop")
+    added = firing.mine()
+    assert added > 0 and len(firing.hard_negatives) == added
+    settings = firing.settings
+    longest = int((settings.mining_seconds_before + 0.3) * 16000)
+    assert all(0 < len(stretch) <= longest for stretch in firing.hard_negatives)
+
+
+def test_the_clip_stage_is_kept_and_read_back_only_for_the_same_settings(tmp_path):
+    path = tmp_path / "clip.pt"
+    model = torch.nn.Linear(3, 2)
+    calls = []
+
+    def train():
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.fill_(float(len(calls)))
+        return [{"epoch": len(calls)}]
+
+    assert _clip_stage(path, train, model, {"data": "a"}) == [{"epoch": 1}] and path.is_file()
+    after_training = torch.rand(1)  # the random state the whole run goes on with
+    model.weight.data.zero_()
+    torch.manual_seed(123)
+    assert _clip_stage(path, train, model, {"data": "a"}) == [{"epoch": 1}] and len(calls) == 1
+    assert torch.all(model.weight == 1.0)
+    assert torch.equal(torch.rand(1), after_training)
+    # Other data or settings: trained again, and the file replaced.
+    assert _clip_stage(path, train, model, {"data": "b"}) == [{"epoch": 2}] and len(calls) == 2
+    assert torch.all(model.weight == 2.0)
+    assert _clip_stage(None, train, model, {"data": "b"}) == [{"epoch": 3}]
