@@ -529,15 +529,16 @@ def frame_targets(recording: Recording, frames: int, hop_samples: int, window_sa
 
 
 def keyword_windows(recording: Recording, frames: int, hop_samples: int, window_samples: int,
-                    labels: list[str]) -> list[tuple[int, int, int]]:
+                    labels: list[str], before_end_s: float = MAX_POOL_BEFORE_END_S,
+                    after_end_s: float = MAX_POOL_AFTER_END_S) -> list[tuple[int, int, int]]:
     """(label id, first, last frame) of each keyword's max-pooling window: the frames that end
-    between MAX_POOL_BEFORE_END_S before the keyword's end (not before its start) and
-    MAX_POOL_AFTER_END_S after it, those a detection reported in time can fire on."""
+    between before_end_s before the keyword's end (not before its start) and after_end_s after
+    it, those a detection reported in time can fire on."""
     ends = (np.arange(frames) * hop_samples + window_samples) / SAMPLE_RATE_HZ
     windows = []
     for keyword, start, end in recording.keywords:
-        first = max(start, end - MAX_POOL_BEFORE_END_S)
-        inside = np.flatnonzero((ends >= first) & (ends <= end + MAX_POOL_AFTER_END_S))
+        first = max(start, end - before_end_s)
+        inside = np.flatnonzero((ends >= first) & (ends <= end + after_end_s))
         if inside.size:
             windows.append((labels.index(keyword), int(inside[0]), int(inside[-1])))
     return windows
