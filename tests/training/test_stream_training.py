@@ -156,3 +156,19 @@ def test_the_clip_stage_is_kept_and_read_back_only_for_the_same_settings(tmp_pat
     assert _clip_stage(path, train, model, {"data": "b"}) == [{"epoch": 2}] and len(calls) == 2
     assert torch.all(model.weight == 2.0)
     assert _clip_stage(None, train, model, {"data": "b"}) == [{"epoch": 3}]
+
+
+@pytest.mark.parametrize("loss", ["max_pool", "cross_entropy"])
+def test_a_round_of_stream_training_learns_with_either_loss(loss):
+    from dataclasses import replace
+
+    trainer = _trainer(UNKNOWN)
+    trainer.settings = replace(trainer.settings, loss=loss, rounds=1, batches_per_round=2)
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    history = trainer.train()
+    assert history[-1] == {"chosen_round": 1}
+    (row,) = history[:-1]
+    assert np.isfinite(row["stream_loss"]) and row["stream_loss"] > 0 and row["keywords"] > 0
+    assert 0.0 <= row["validation"]["recall"] <= row["validation"]["recall_at_20_per_hour"] <= 1.0
+    changed = [name for name, value in trainer.model.state_dict().items() if not torch.equal(value, before[name])]
+    assert "rnn.weight_hh_l0" in changed and "head.bias" in changed
