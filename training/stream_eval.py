@@ -39,7 +39,7 @@ TARGET_FALSE_ALARMS_PER_HOUR = 2.0
 TARGETS = {"test": {"recall": 0.90, "false_alarms_per_hour": 2.0},
            "held_out_engine": {"recall": 0.80, "false_alarms_per_hour": 5.0}}
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995)
-SMOOTHING_MS = (20, 40, 80, 160)
+SMOOTHING_MS = (40, 80, 160)
 DECISION_MS = (100, 300)
 
 
