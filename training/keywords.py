@@ -294,7 +294,7 @@ def _clip_stage(path: Path | None, train, model, made_by: dict) -> list:
     """The clip stage's history, its weights in `model`: read from `path` when it holds the weights
     of the same `made_by`, else trained (and written to `path`, if given)."""
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         if saved.get("made_by") == made_by:
             model.load_state_dict(saved["state"])
             torch.set_rng_state(saved["torch_rng"])
