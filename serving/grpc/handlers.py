@@ -1,4 +1,5 @@
-"""Register a servicer so that undecodable request bytes become INVALID_ARGUMENT.
+"""Register a servicer so that undecodable request bytes become INVALID_ARGUMENT, and so that
+a shutdown can finish the unary calls in flight before the front closes.
 
 The generated `add_*_to_server` helpers let a protobuf DecodeError (for example a
 string field holding invalid UTF-8) escape as UNKNOWN. Here each method gets a
@@ -8,6 +9,7 @@ naming the message type and the decoder's complaint.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -75,6 +77,49 @@ def invalid_utf8_field(descriptor, data: bytes, prefix: str = "") -> str | None:
     return None
 
 
+class Drain:
+    """The unary calls in flight on one server, and whether it has begun to shut down.
+
+    Once `close` is called every new call (of any shape) is refused with UNAVAILABLE, and `wait`
+    returns when the unary calls already running have answered. The server shuts down through
+    it rather than through the front alone: pygrpc-native's stop cut off some answers still
+    being computed (clients saw GOAWAY, "Stream removed"), so the front is stopped only after
+    the calls are done (serving.grpc.server.RunningServer.stop).
+    """
+
+    MESSAGE = "the server is shutting down"
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def close(self) -> None:
+        self.closing = True
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when no unary call is left within timeout_s."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def refuse_if_closing(self, context: grpc.aio.ServicerContext) -> None:
+        if self.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.MESSAGE)
+
+    def enter(self) -> None:
+        self.calls += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.calls -= 1
+        if not self.calls:
+            self._idle.set()
+
+
 def _deserializer(message_class):
     def parse(data: bytes):
         try:
@@ -100,7 +145,7 @@ async def _checked_stream(requests: AsyncIterator, context: grpc.aio.ServicerCon
         yield await _checked(request, context)
 
 
-def _handler(method, implementation):
+def _handler(method, implementation, drain: Drain):
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     codec = {
@@ -112,17 +157,20 @@ def _handler(method, implementation):
         # gets a wrapper of the right kind.
         if method.server_streaming:
             async def stream_in_stream_out(requests, context):
+                await drain.refuse_if_closing(context)
                 async for response in implementation(_checked_stream(requests, context), context):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_in_stream_out, **codec)
 
         async def stream_in(requests, context):
+            await drain.refuse_if_closing(context)
             return await implementation(_checked_stream(requests, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_in, **codec)
     if method.server_streaming:
         async def unary_in_stream_out(request, context):
+            await drain.refuse_if_closing(context)
             request = await _checked(request, context)
             async for response in implementation(request, context):
                 yield response
@@ -130,14 +178,20 @@ def _handler(method, implementation):
         return grpc.unary_stream_rpc_method_handler(unary_in_stream_out, **codec)
 
     async def unary(request, context):
-        return await implementation(await _checked(request, context), context)
+        await drain.refuse_if_closing(context)
+        drain.enter()
+        try:
+            return await implementation(await _checked(request, context), context)
+        finally:
+            drain.leave()
 
     return grpc.unary_unary_rpc_method_handler(unary, **codec)
 
 
-def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
-    """Serve every method of `service` from the servicer's method of the same name."""
-    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object, drain: Drain) -> None:
+    """Serve every method of `service` from the servicer's method of the same name; `drain`
+    counts its unary calls and refuses new calls once the server shuts down."""
+    handlers = {method.name: _handler(method, getattr(servicer, method.name), drain) for method in service.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     # As generated code does since grpcio 1.64: registered methods skip grpcio's generic lookup, and
     # they are the ones the native front serves itself (it hands generic-only services to grpcio).

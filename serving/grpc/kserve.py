@@ -23,7 +23,7 @@ from serving.audio import MAX_SOURCE_RATE_HZ
 from serving.dataplane import DataPlane, Prediction
 from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.inference import inference_pb2 as pb
-from serving.grpc.handlers import add_servicer
+from serving.grpc.handlers import Drain, add_servicer
 from serving.grpc.status import deadline_of, run_async_call, run_call
 from serving.repository import ModelVersion
 from serving.tensors import FROM_NUMPY_NAME, decode_tensor, raw_bytes
@@ -374,5 +374,5 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    add_servicer(server, SERVICE, servicer)
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server, drain: Drain) -> None:
+    add_servicer(server, SERVICE, servicer, drain)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,6 +18,7 @@ from serving.dataplane import BatchingConfig, DataPlane
 from serving.grpc import kserve, typed
 from serving.grpc.auth import BearerTokenInterceptor
 from serving.grpc.front import choose_front, new_server
+from serving.grpc.handlers import Drain
 from serving.repository import load_repository
 from serving.settings import ServerSettings
 
@@ -30,8 +32,9 @@ class RunningServer:
     """A started server: its port, its health servicer and a way to shut it down."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer, dataplane, executor,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, drain: Drain | None = None):
         self.server = server
+        self.drain = drain or Drain()
         self.port = port
         self.metrics_port = metrics_port
         self.health = health_servicer
@@ -39,8 +42,21 @@ class RunningServer:
         self.executor = executor
 
     async def stop(self, grace_s: float | None) -> None:
+        """Health NOT_SERVING, new calls refused (UNAVAILABLE), the unary calls in flight finish
+        within grace_s, then the front stops: open streams get what is left of grace_s, then
+        are cancelled. grace_s None cancels everything at once.
+
+        The front is stopped only once the unary calls have answered: pygrpc-native 0.5, stopped
+        while answers were still being computed, cut some of them off with GOAWAY ("Stream
+        removed") in 3 of 4 runs of the workers' drain test; stopped after them, 12 of 12
+        passed."""
         self.dataplane.accepting = False
         await self.health.enter_graceful_shutdown()
+        self.drain.close()
+        if grace_s:
+            started = time.monotonic()
+            await self.drain.wait(grace_s)
+            grace_s = max(grace_s - (time.monotonic() - started), 0.0)
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.dataplane.close()
@@ -87,8 +103,9 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
     token = settings.bearer_token()
     interceptors = [BearerTokenInterceptor(token, dataplane.metrics)] if token else []
     server = new_server(front, interceptors, settings.grpc_options())
-    typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server)
-    kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server)
+    drain = Drain()
+    typed.add_to_server(typed.RnnServeServicer(dataplane, executor), server, drain)
+    kserve.add_to_server(kserve.InferenceServicer(dataplane, executor), server, drain)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,7 +136,7 @@ async def create_server(settings: ServerSettings, dataplane: DataPlane | None = 
             await server.stop(None)
             raise OSError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {error}") from None
         log.info("Prometheus metrics on http://%s:%d/metrics", settings.host, metrics_port)
-    return RunningServer(server, port, health_servicer, dataplane, executor, metrics_port)
+    return RunningServer(server, port, health_servicer, dataplane, executor, metrics_port, drain)
 
 
 async def _serve_until_signal(settings: ServerSettings, on_ready=None) -> None:

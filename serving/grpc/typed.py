@@ -13,7 +13,7 @@ from serving.dataplane import DataPlane
 from serving.errors import InvalidInput, ServingError
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
-from serving.grpc.handlers import add_servicer
+from serving.grpc.handlers import Drain, add_servicer
 from serving.grpc.kserve import SMALL_REQUEST_BYTES
 from serving.grpc.status import deadline_of, run_async_call, run_call, status_code
 from serving.repository import ModelEntry
@@ -269,5 +269,5 @@ SERVICE = pb.DESCRIPTOR.services_by_name["RnnServe"]
 SERVICE_NAME = SERVICE.full_name
 
 
-def add_to_server(servicer: RnnServeServicer, server: grpc.aio.Server) -> None:
-    add_servicer(server, SERVICE, servicer)
+def add_to_server(servicer: RnnServeServicer, server: grpc.aio.Server, drain: Drain) -> None:
+    add_servicer(server, SERVICE, servicer, drain)

@@ -1,0 +1,75 @@
+"""Shutting a server down with unary calls held in its batchers, on each gRPC front: the held
+calls are answered, a call that arrives once the drain has begun is refused with UNAVAILABLE,
+and the stop returns when the held calls are done, not at the end of the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from serving.grpc.generated.rnnserve.v1 import rnnserve_pb2_grpc
+from serving.grpc.handlers import Drain
+from serving.grpc.server import BackgroundServer
+from serving.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parents[3]
+# Each client on its own HTTP/2 connection.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def _classify(channel: grpc.Channel, text: str) -> str:
+    stub = rnnserve_pb2_grpc.RnnServeStub(channel)
+    return stub.Classify(pb.ClassifyRequest(model="sentiment", texts=[text]), timeout=30).results[0].label
+
+
+def test_a_drain_answers_the_held_calls_and_refuses_new_ones(front_settings):
+    settings = ServerSettings(models=ROOT / "models", port=0, batch_max_delay_ms=1500, **front_settings)
+    server = BackgroundServer(settings).__enter__()
+    channels = [grpc.insecure_channel(server.target, options=OWN_CONNECTION) for _ in range(5)]
+    try:
+        with ThreadPoolExecutor(len(channels)) as pool:
+            for label in pool.map(lambda channel: _classify(channel, "warm up"), channels):
+                assert label in {"negative", "neutral", "positive"}
+            held = [pool.submit(_classify, channel, f"flight {i} was fine") for i, channel in enumerate(channels[:4])]
+            time.sleep(0.4)
+            assert not any(future.done() for future in held), "the calls were not held in the batcher"
+            started = time.monotonic()
+            stopping = threading.Thread(target=server.stop, kwargs={"grace_s": 20.0})
+            stopping.start()
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                _classify(channels[4], "too late")
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert Drain.MESSAGE in refused.value.details()
+            labels = [future.result(timeout=30) for future in held]
+            stopping.join(timeout=30)
+            stopped_after = time.monotonic() - started
+        assert all(label in {"negative", "neutral", "positive"} for label in labels)
+        assert not stopping.is_alive() and stopped_after < 10, f"stop took {stopped_after:.1f} s (grace 20 s)"
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
+
+
+def test_the_drain_waits_for_the_calls_in_flight_only():
+    async def counts() -> list[bool]:
+        drain = Drain()
+        seen = [await drain.wait(0.01)]
+        drain.enter()
+        drain.enter()
+        seen.append(await drain.wait(0.05))
+        drain.leave()
+        seen.append(await drain.wait(0.05))
+        drain.leave()
+        seen.append(await drain.wait(0.01))
+        return seen
+
+    assert asyncio.run(counts()) == [True, False, False, True]
