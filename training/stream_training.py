@@ -47,6 +47,9 @@ from training.keywords import clip_frames, clip_logits
 log = logging.getLogger(__name__)
 
 
+STREAM_LOSSES = ("cross_entropy", "max_pool")
+
+
 @dataclass(frozen=True)
 class ContinuousSpeechTraining:
     # Start from the clip recipe's weights (training/keywords.py), then fine-tune on streams.
@@ -76,6 +79,10 @@ class ContinuousSpeechTraining:
     mining_seconds_before: float = 2.0  # audio kept before a false alarm as a hard negative
     hard_negative_share: float = 0.15
     seed: int = 13
+
+    def __post_init__(self) -> None:
+        if self.loss not in STREAM_LOSSES:
+            raise ValueError(f"loss must be one of {STREAM_LOSSES}, got {self.loss!r}")
 
 
 QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round=4, lanes=4, recording_seconds=10.0,

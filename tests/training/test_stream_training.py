@@ -19,7 +19,14 @@ from training.data.streams import (
 )
 from training.keywords import _clip_stage
 from training.models.classifier import ClassifierConfig, RNNClassifier
-from training.stream_training import IGNORED, frame_logits, max_pool_targets, pick_maxima
+from training.stream_training import (
+    IGNORED,
+    STREAM_LOSSES,
+    ContinuousSpeechTraining,
+    frame_logits,
+    max_pool_targets,
+    pick_maxima,
+)
 
 HOP, WINDOW = 320, 480
 
@@ -172,3 +179,9 @@ def test_a_round_of_stream_training_learns_with_either_loss(loss):
     assert 0.0 <= row["validation"]["recall"] <= row["validation"]["recall_at_20_per_hour"] <= 1.0
     changed = [name for name, value in trainer.model.state_dict().items() if not torch.equal(value, before[name])]
     assert "rnn.weight_hh_l0" in changed and "head.bias" in changed
+
+
+def test_an_unknown_stream_loss_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="loss must be one of") as raised:
+        ContinuousSpeechTraining(loss="maxpool")
+    assert all(name in str(raised.value) for name in STREAM_LOSSES)

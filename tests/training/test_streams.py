@@ -13,6 +13,8 @@ from training.data.streams import (
     FESTIVAL_HELD_OUT_VOICE,
     FESTIVAL_TRAINING_VOICES,
     HELD_OUT,
+    HOMOPHONES,
+    NEAR_MISSES,
     TARGET_AFTER_END_S,
     Bank,
     Mix,
@@ -47,6 +49,16 @@ def test_speakable_text_has_no_keyword_url_or_handle():
     assert not re.search(r"\b(" + "|".join(KEYWORDS) + r")\b", cleaned, re.IGNORECASE)
     assert "http" not in cleaned and "@" not in cleaned and "#" not in cleaned
     assert "NOW" in cleaned and "Don't look" in cleaned and "goods" in cleaned
+
+
+def test_homophones_of_keywords_are_neither_prose_nor_near_misses():
+    """ "know" is "no" and "write" is "right" to the ear: a recording that says them holds the
+    keyword, so they are taken out of prose and never labelled _unknown_ as near misses."""
+    assert set(HOMOPHONES) <= set(KEYWORDS)
+    homophones = {word for words in HOMOPHONES.values() for word in words}
+    assert not homophones & set(NEAR_MISSES) and len(set(NEAR_MISSES)) == len(NEAR_MISSES)
+    cleaned = speakable("I Know you write well, the rite of spring; knowing Wright is a writer")
+    assert cleaned.split() == ["I", "you", "well,", "the", "of", "spring;", "knowing", "is", "a", "writer"]
 
 
 def test_composed_recording_holds_its_keywords_where_it_says():
