@@ -171,12 +171,38 @@ def test_an_idle_instance_takes_queued_work_at_once_while_another_is_busy():
 
 def test_an_idle_instance_holds_fewer_rows_than_preferred_while_nothing_runs():
     """With every instance idle, jobs wait (up to the 60 s delay here) until the preferred
-    rows are there, and then run as one call."""
-    batcher = Batcher("test", [lambda payloads: payloads] * 2, max_batch_rows=8, max_delay_s=60.0, preferred_rows=3)
+    rows are there, and then run: on one instance, or split over the idle ones (2 + 1 here)."""
+    for instances, calls in ((1, 1), (2, 2)):
+        batcher = Batcher("test", [lambda payloads: payloads] * instances, max_batch_rows=8, max_delay_s=60.0,
+                          preferred_rows=3)
+        try:
+            futures = [batcher.submit(index, 1) for index in range(2)]
+            time.sleep(0.3)
+            assert batcher.stats.calls == 0 and not any(f.done() for f in futures)
+            futures.append(batcher.submit(2, 1))
+            assert [f.result(30) for f in futures] == [0, 1, 2]
+            assert batcher.stats.calls == calls and batcher.stats.rows == 3
+        finally:
+            batcher.close()
+
+
+def test_idle_instances_split_the_queued_rows_and_run_side_by_side():
+    """Rows queued while every instance is idle are shared out: 8 rows on 2 idle instances run
+    as 4 + 4 at the same time (each call waits for the other at a barrier), not as one call of 8
+    while the other instance waits."""
+    both = threading.Barrier(2, timeout=20)
+    sizes = []
+
+    def runner(payloads):
+        sizes.append(len(payloads))
+        both.wait()
+        return payloads
+
+    batcher = Batcher("test", [runner, runner], max_batch_rows=16, max_delay_s=60.0, preferred_rows=8)
     try:
-        futures = [batcher.submit(index, 1) for index in range(3)]
-        assert [f.result(30) for f in futures] == [0, 1, 2]
-        assert batcher.stats.calls == 1 and batcher.stats.rows == 3
+        futures = [batcher.submit(index, 1) for index in range(8)]
+        assert [f.result(30) for f in futures] == list(range(8))
+        assert sorted(sizes) == [4, 4] and batcher.stats.max_concurrent == 2
     finally:
         batcher.close()
 
