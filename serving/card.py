@@ -204,6 +204,18 @@ class ModelCard(_Strict):
     def _labels_unique(self) -> ModelCard:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        defaults = self.detector_defaults()
+        if defaults:
+            from serving.detector import DetectorConfig
+            from serving.errors import InvalidInput
+
+            known = set(DetectorConfig.__dataclass_fields__)
+            if set(defaults) - known:
+                raise ValueError(f"detection: unknown detector settings {sorted(set(defaults) - known)}")
+            try:
+                DetectorConfig(**defaults).checked(self.labels)
+            except (InvalidInput, TypeError, ValueError) as error:
+                raise ValueError(f"detection: the default operating point's detector: {error}") from error
         expected = "text" if self.task == "text_classification" else "log_mel"
         if self.preprocessing.kind != expected:
             raise ValueError(f"task {self.task} needs preprocessing kind {expected!r}")

@@ -258,7 +258,9 @@ class DataPlane:
 
     def open_stream(self, name: str, version: str, sample_rate_hz: int = 0, **detector: float) -> Stream:
         """A new stream on a model with a step graph (text or audio by the model's task).
-        Detector settings left out (or 0) come from the card's evaluated default, else DetectorConfig's."""
+        Detector settings left out (or 0) come from the card's evaluated default, else DetectorConfig's;
+        a request that sets a threshold sets it for every keyword (the card's keyword thresholds,
+        if any, are then not used)."""
         model = self.model(name, version)
         if not model.streaming:
             architecture = model.card.architecture if model.card else {}
@@ -268,9 +270,13 @@ class DataPlane:
             raise InvalidInput(f"model {name!r} does not stream ({why}); send whole inputs with Classify/ModelInfer")
         limits = self.limits(model)
         if model.frontend is not None:
-            settings = {**model.card.detector_defaults(), **{k: v for k, v in detector.items() if v}}
+            defaults = model.card.detector_defaults()
+            if detector.get("threshold"):
+                defaults.pop("keyword_thresholds", None)
+            settings = {**defaults, **{k: v for k, v in detector.items() if v}}
             known = {f for f in DetectorConfig.__dataclass_fields__}
-            config = DetectorConfig(**{k: float(v) for k, v in settings.items() if k in known})
+            config = DetectorConfig(**{k: v if k == "keyword_thresholds" else float(v)
+                                       for k, v in settings.items() if k in known})
             return self.streams.open_audio(
                 model, sample_rate_hz or model.frontend.config.sample_rate_hz, limits.max_audio_seconds, config
             )

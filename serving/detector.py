@@ -1,11 +1,15 @@
 """The keyword detector: per-frame posteriors of many streams -> one event per spoken keyword.
 
 s_t is the mean of the last `smoothing` frame posteriors (of as many as there are at a stream's
-start). When a keyword's s_t reaches the threshold an event opens; it gathers every keyword's peak
-for decision_ms (dips below the threshold included) and is then reported as the keyword with the
-highest peak, that peak being its confidence (the first frames of a word often look like another
-keyword). No event opens until refractory_ms after the end of the previous event's last frame over
-the threshold. Labels starting with `_` never fire.
+start). When a keyword's s_t reaches its threshold (`threshold`, or that keyword's own in
+`keyword_thresholds`) an event opens; it gathers every keyword's peak for decision_ms (dips below
+the threshold included) and is then reported as the keyword with the highest peak, that peak
+being its confidence (the first frames of a word often look like another keyword). With keyword
+thresholds, the scores are scaled by threshold / the keyword's own threshold, so that a keyword
+reaches `threshold` where it reaches its own and peaks are compared relative to each keyword's
+threshold; the confidence reported is the unscaled peak. No event opens until refractory_ms after
+the end of the previous event's last frame over the threshold. Labels starting with `_` never
+fire.
 
 A stream's settings and carried state (the frames its moving average still needs, the frames
 seen, the open event, the refractory time) are one row of a `DetectorState`, so one step of many
@@ -23,8 +27,8 @@ bit for bit; `smooth_recordings` does that for whole recordings at once, for eva
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -39,15 +43,48 @@ class DetectorConfig:
     # An open detection collects evidence this long (dips below the threshold included) and is
     # then reported as the keyword with the highest peak.
     decision_ms: float = 500.0
+    # Thresholds of single keywords, (keyword, threshold) pairs sorted by keyword (a mapping is
+    # taken too); the other keywords use `threshold`.
+    keyword_thresholds: tuple[tuple[str, float], ...] = ()
 
-    def checked(self) -> DetectorConfig:
+    def __post_init__(self) -> None:
+        pairs = self.keyword_thresholds
+        pairs = pairs.items() if isinstance(pairs, Mapping) else pairs
+        object.__setattr__(self, "keyword_thresholds", tuple(sorted((str(k), float(v)) for k, v in pairs)))
+
+    def checked(self, labels: Sequence[str] | None = None) -> DetectorConfig:
+        """The config, if its values are in range (and its keyword thresholds name keywords of
+        `labels`, when given); else InvalidInput naming the field and the limit."""
         if not 0.0 < self.threshold < 1.0:
             raise InvalidInput(f"config.threshold: {self.threshold}, must be between 0 and 1 (exclusive)")
         for name in ("smoothing_ms", "refractory_ms", "decision_ms"):
             value = getattr(self, name)
             if not 0.0 <= value <= 10_000:
                 raise InvalidInput(f"config.{name}: {value}, must be 0 to 10000 ms")
+        keywords = None if labels is None else [label for label in labels if not label.startswith("_")]
+        for keyword, value in self.keyword_thresholds:
+            if not 0.0 < value < 1.0:
+                raise InvalidInput(f"config.keyword_thresholds[{keyword!r}]: {value}, must be between 0 and 1 "
+                                   "(exclusive)")
+            if keywords is not None and keyword not in keywords:
+                raise InvalidInput(f"config.keyword_thresholds: {keyword!r} is not a keyword of this model "
+                                   f"({', '.join(keywords)})")
+        if len({k for k, _ in self.keyword_thresholds}) != len(self.keyword_thresholds):
+            raise InvalidInput("config.keyword_thresholds: a keyword is named twice")
         return self
+
+    def thresholds(self, keywords: Sequence[str]) -> np.ndarray:
+        """The threshold of each of these keywords [K]."""
+        own = dict(self.keyword_thresholds)
+        return np.array([own.get(keyword, self.threshold) for keyword in keywords], np.float64)
+
+    def as_dict(self) -> dict:
+        """The settings as JSON takes them (keyword thresholds as an object; left out when none)."""
+        settings = asdict(self)
+        settings["keyword_thresholds"] = dict(self.keyword_thresholds)
+        if not self.keyword_thresholds:
+            del settings["keyword_thresholds"]
+        return settings
 
 
 @dataclass(frozen=True)
@@ -78,6 +115,8 @@ class DetectorState:
     last: np.ndarray  # [N] int64: its last frame over the threshold
     peaks: np.ndarray  # [N, K] float64: its peak per keyword
     refractory_until_ms: np.ndarray  # [N] float64: no event opens at a frame that starts earlier
+    # [N, K] float64: each keyword's scores are multiplied by threshold / its own threshold
+    scale: np.ndarray
 
     def __len__(self) -> int:
         return len(self.threshold)
@@ -136,7 +175,13 @@ class BatchDetector:
             history_frames=np.zeros(count, np.int64), frames=np.zeros(count, np.int64),
             open=np.zeros(count, bool), first=np.zeros(count, np.int64), last=np.zeros(count, np.int64),
             peaks=np.zeros((count, len(self.keywords))), refractory_until_ms=np.full(count, -1.0),
+            scale=np.stack([self.scale(c) for c in configs]) if count else np.ones((0, len(self.keywords))),
         )
+
+    def scale(self, config: DetectorConfig) -> np.ndarray:
+        """[K]: what each keyword's scores are multiplied by so that its own threshold maps onto
+        config.threshold."""
+        return config.threshold / config.thresholds([self.labels[i] for i in self.keywords])
 
     def update(self, state: DetectorState, posteriors: np.ndarray,
                lengths: np.ndarray) -> tuple[DetectorState, list[list[Detection]], np.ndarray]:
@@ -158,7 +203,10 @@ class BatchDetector:
                         peaks=state.peaks.copy(), refractory_until_ms=state.refractory_until_ms.copy())
         valid = np.arange(posteriors.shape[1]) < lengths[:, None]
         closed = _Closed()
-        self._advance(after, smoothed[:, :, self.keywords][valid], lengths, state.frames, closed)
+        scores = smoothed[:, :, self.keywords][valid]
+        if (state.scale != 1.0).any():
+            scores = scores * np.repeat(state.scale, lengths, axis=0)
+        self._advance(after, scores, lengths, state.frames, closed)
         return after, closed.events(self, after).detections(self.labels), smoothed
 
     def finish(self, state: DetectorState) -> list[list[Detection]]:
@@ -206,8 +254,11 @@ class BatchDetector:
         state = self.start([config] * len(smoothed.lengths))
         state.frames = smoothed.lengths
         closed = _Closed()
-        self._advance(state, smoothed.scores, smoothed.lengths, np.zeros_like(smoothed.lengths), closed,
-                      smoothed.best)
+        scale = self.scale(config)
+        scores, best = smoothed.scores, smoothed.best
+        if (scale != 1.0).any():
+            scores, best = scores * scale, None
+        self._advance(state, scores, smoothed.lengths, np.zeros_like(smoothed.lengths), closed, best)
         self._finish(state, closed)
         return closed.events(self, state)
 
@@ -360,12 +411,15 @@ class _Closed:
         order = np.argsort(streams, kind="stable")  # each stream's events stay in the order they closed
         streams, first, last, at, peaks = streams[order], first[order], last[order], at[order], peaks[order]
         hop_ms, window_ms = detector.hop_ms, detector.window_ms
+        # The keyword with the highest peak while the event was open (relative to its threshold)
+        # names it; its confidence is its peak.
+        named = peaks.argmax(axis=1)
+        picked = np.arange(len(named))
         return Events(
-            len(state), streams,
-            # The keyword with the highest peak while the event was open names it.
-            label=detector.keywords[peaks.argmax(axis=1)],
+            len(state), streams, label=detector.keywords[named],
             start_ms=np.maximum(0, first - state.smoothing[streams] + 1) * hop_ms,
-            end_ms=last * hop_ms + window_ms, confidence=peaks.max(axis=1), reported_ms=at * hop_ms + window_ms,
+            end_ms=last * hop_ms + window_ms, confidence=peaks[picked, named] / state.scale[streams, named],
+            reported_ms=at * hop_ms + window_ms,
         )
 
 

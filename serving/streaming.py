@@ -294,7 +294,7 @@ class AudioStream(Stream):
             self.resampler = soxr.ResampleStream(input_rate_hz, self.rate, 1, dtype="float32", quality="HQ")
         self.samples = 0  # at the input rate
         self.detector = keyword_detector(model)
-        self.detector_state = self.detector.start([detector.checked()])
+        self.detector_state = self.detector.start([detector.checked(model.card.labels)])
 
     @property
     def seconds(self) -> float:

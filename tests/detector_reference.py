@@ -18,11 +18,16 @@ class ReferenceDetector:
         self.frame = 0
         self.refractory_until_ms = -1.0
         self.open: tuple[int, int, np.ndarray] | None = None  # first frame, last frame, per-keyword peaks
+        # Keyword thresholds: each keyword's scores times threshold / its own threshold.
+        own = dict(config.keyword_thresholds)
+        self.scale = np.array([config.threshold / own.get(labels[i], config.threshold) for i in self.keywords])
 
     def _close(self, at_frame: int) -> Detection:
         first, last, peaks = self.open
         self.open = None
-        label, peak = int(self.keywords[int(peaks.argmax())]), float(peaks.max())
+        # Peaks are of the scaled scores; the confidence is the named keyword's own peak.
+        named = int(peaks.argmax())
+        label, peak = int(self.keywords[named]), float(peaks[named] / self.scale[named])
         end_ms = last * self.hop_ms + self.window_ms
         self.refractory_until_ms = end_ms + self.config.refractory_ms
         start_ms = max(0, first - self.smoothing + 1) * self.hop_ms
@@ -42,6 +47,8 @@ class ReferenceDetector:
             self.frame += len(smoothed)
             return events, smoothed
         keyword_scores = smoothed[:, self.keywords]
+        if (self.scale != 1.0).any():
+            keyword_scores = keyword_scores * self.scale
         for offset in range(len(smoothed)):
             frame = self.frame + offset
             best = int(keyword_scores[offset].argmax())

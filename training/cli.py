@@ -94,7 +94,8 @@ def _evaluate_stream(args: argparse.Namespace) -> int:
     detector = point["detector"]
     print(f"operating point (validation voices, <= {point['false_alarm_budget_per_hour']:g} false alarms/h): "
           f"threshold {detector['threshold']}, smoothing {detector['smoothing_ms']:g} ms, "
-          f"decision {detector['decision_ms']:g} ms")
+          f"decision {detector['decision_ms']:g} ms"
+          + "".join(f"; {keyword} {value:g}" for keyword, value in detector.get("keyword_thresholds", {}).items()))
     for split in ("validation", "test", "held_out_engine"):
         if split in point:
             measured = point[split]

@@ -5,12 +5,17 @@ each stream run alone, and for whole recordings at once."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import numpy as np
+import pytest
 from detector_reference import ReferenceDetector, reference_detect
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.detector import BatchDetector, Detection, DetectorConfig, DetectorState
+from serving.errors import InvalidInput
 
 LABELS = ["yes", "no", "up", "_silence_", "_unknown_"]
 HOP_MS, WINDOW_MS = 20.0, 30.0
@@ -31,10 +36,13 @@ def _posteriors(rng: np.random.Generator, frames: int) -> np.ndarray:
 
 
 def _config(rng: np.random.Generator) -> DetectorConfig:
+    """Random settings; half the time some keywords have thresholds of their own."""
+    own = {keyword: float(rng.choice([0.25, 0.5, 0.625, 0.75, 0.9]))
+           for keyword in LABELS[:3] if rng.random() < 0.5} if rng.random() < 0.5 else {}
     return DetectorConfig(threshold=float(rng.choice([0.25, 0.5, 0.75, 0.9])),
                           smoothing_ms=float(rng.choice([0, 20, 40, 100, 160])),
                           decision_ms=float(rng.choice([0, 20, 100, 300, 500])),
-                          refractory_ms=float(rng.choice([0, 10, 30, 100, 500])))
+                          refractory_ms=float(rng.choice([0, 10, 30, 100, 500])), keyword_thresholds=own)
 
 
 def _chunks(rng: np.random.Generator, posteriors: np.ndarray) -> list[np.ndarray]:
@@ -121,6 +129,46 @@ def test_an_event_by_hand():
     state, (found,), _ = detector.update(detector.start([config]), posteriors[None], [40])
     assert found == [Detection("no", start_ms=200.0, end_ms=310.0, confidence=0.875, reported_ms=330.0)]
     assert detector.finish(state) == [[Detection("yes", 760.0, 810.0, 0.625, 810.0)]]
+
+
+def test_keyword_thresholds_by_hand():
+    # "yes" at 0.625 in frames 10-14, "no" at 0.75 in frames 30-34: with a shared threshold of 0.8
+    # neither fires; "yes" with its own 0.6 fires alone; and where both rise in one event, the
+    # keyword named is the one highest relative to its own threshold, reported with its own peak.
+    posteriors = np.tile(np.array([0, 0, 0, 1, 0], np.float32), (60, 1))
+    posteriors[10:15] = [0.625, 0, 0, 0.375, 0]
+    posteriors[30:35] = [0, 0.75, 0, 0.25, 0]
+    posteriors[50:52] = [0.625, 0.375, 0, 0, 0]
+    posteriors[52:54] = [0.25, 0.75, 0, 0, 0]
+    detector = BatchDetector(LABELS, HOP_MS, WINDOW_MS)
+
+    def detect(config):
+        state, (found,), _ = detector.update(detector.start([config.checked(LABELS)]), posteriors[None], [60])
+        return found + detector.finish(state)[0]
+
+    def events(config):  # confidences to float32, as a response carries them (scaled and back)
+        return [(d.keyword, d.start_ms, float(np.float32(d.confidence))) for d in detect(config)]
+
+    shared = DetectorConfig(threshold=0.8, smoothing_ms=20, decision_ms=100, refractory_ms=0)
+    assert detect(shared) == []
+    assert events(replace(shared, keyword_thresholds={"yes": 0.6})) == [("yes", 200.0, 0.625), ("yes", 1000.0, 0.625)]
+    # yes 0.625 / 0.6 = 1.04 against no 0.75 / 0.5 = 1.5 in the last event: "no".
+    both = replace(shared, keyword_thresholds={"yes": 0.6, "no": 0.5})
+    assert events(both) == [("yes", 200.0, 0.625), ("no", 600.0, 0.75), ("no", 1000.0, 0.75)]
+    # A request setting the shared threshold to the keyword's own value is the same detector.
+    assert detect(replace(shared, threshold=0.6)) == detect(replace(shared, threshold=0.6,
+                                                                     keyword_thresholds={"yes": 0.6}))
+
+
+@pytest.mark.parametrize(("own", "message"), [
+    ({"maybe": 0.5}, "config.keyword_thresholds: 'maybe' is not a keyword of this model (yes, no, up)"),
+    ({"_silence_": 0.5}, "config.keyword_thresholds: '_silence_' is not a keyword"),
+    ({"yes": 1.0}, "config.keyword_thresholds['yes']: 1.0, must be between 0 and 1 (exclusive)"),
+    ({"no": 0.0}, "config.keyword_thresholds['no']: 0.0, must be between 0 and 1"),
+])
+def test_keyword_thresholds_out_of_range_or_unknown_are_refused(own, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        DetectorConfig(keyword_thresholds=own).checked(LABELS)
 
 
 def test_labels_that_all_start_with_an_underscore_never_fire():

@@ -6,6 +6,7 @@ on the quick recordings."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,19 @@ from detector_reference import reference_detect
 
 from serving.streaming import DetectorConfig
 from training.data.streams import Recording
-from training.stream_eval import HIT_AFTER_END_S, choose, debounced, detect_all, grid, judged, judged_grid, score
+from training.stream_eval import (
+    HIT_AFTER_END_S,
+    Judge,
+    choose,
+    choose_operating_point,
+    debounced,
+    detect_all,
+    grid,
+    judged,
+    judged_grid,
+    score,
+    tune_keyword_thresholds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["yes", "no", "_silence_", "_unknown_"]
@@ -157,6 +170,41 @@ def test_the_operating_point_is_the_most_recall_within_the_budget():
     assert choose(results)[0].threshold == 0.9  # equal recall: fewer false alarms
     assert choose(results, budget=10.0)[0].threshold == 0.5
     assert choose([point(0.5, 0.9, 30.0), point(0.9, 0.5, 12.0)])[0].threshold == 0.9  # none fits: the quietest
+
+
+def _bursts(seconds: float, bursts: list[tuple[int, float, float]]) -> np.ndarray:
+    """_unknown_ everywhere but 200 ms bursts of (label, start_s, height), the rest _unknown_."""
+    frames = np.tile(np.array([0.0, 0.0, 0.0, 1.0], np.float32), (int(seconds * 50), 1))
+    for label, start_s, height in bursts:
+        first = int(start_s * 50)
+        frames[first : first + 10] = 0.0
+        frames[first : first + 10, label] = height
+        frames[first : first + 10, 3] = 1.0 - height
+    return frames
+
+
+def test_keyword_thresholds_are_tuned_where_one_shared_threshold_cannot_do_both():
+    # "yes" is said clearly (0.9) but speech often sounds like it (0.7); "no" is heard faintly (0.6)
+    # and speech never sounds like it. One threshold finds both only by firing on the speech; "no"
+    # with a threshold of its own finds both without one false alarm.
+    said = [Recording(np.zeros(4 * 16000, np.float32), [("yes", 1.0, 1.2), ("no", 2.5, 2.7)], [])] * 5
+    said_posteriors = [_bursts(4, [(0, 1.1, 0.9), (1, 2.6, 0.6)])] * 5
+    speech = [Recording(np.zeros(60 * 16000, np.float32), [], [(0.0, 60.0)])] * 10
+    speech_posteriors = [_bursts(60, [(0, 5.0 + 10 * i, 0.7) for i in range(5)])] * 10
+    judge = Judge(speech, said, speech_posteriors, said_posteriors, LABELS, HOP_MS, WINDOW_MS)
+    shared, on_shared = choose_operating_point(judge, keyword_thresholds=False)
+    assert on_shared["recall"] == 0.5 and on_shared["false_alarms"] == 0
+    assert shared.threshold > 0.7 and not shared.keyword_thresholds
+    assert judge(replace(shared, threshold=0.6))["false_alarms_per_hour"] > 2.0  # both, but it fires on speech
+    tuned, on_tuned = tune_keyword_thresholds(judge, shared)
+    own = dict(tuned.keyword_thresholds)
+    assert set(own) == {"no"} and own["no"] <= 0.6 and tuned.threshold == shared.threshold
+    assert on_tuned["recall"] == 1.0 and on_tuned["false_alarms"] == 0
+    assert on_tuned == judge(tuned)
+    chosen, on_chosen = choose_operating_point(judge)
+    assert on_chosen["recall"] == 1.0 and on_chosen["false_alarms"] == 0 and chosen.keyword_thresholds
+    assert json.loads(json.dumps(chosen.as_dict()))["keyword_thresholds"] == dict(chosen.keyword_thresholds)
+    assert DetectorConfig(**chosen.as_dict()) == chosen
 
 
 def test_the_bundled_keyword_model_on_quick_recordings(tmp_path):

@@ -416,3 +416,36 @@ def test_a_model_without_a_step_graph_does_not_stream(tmp_path):
             kserve.infer("batchonly", [_text_input("hi")], sequence_id=1, sequence_start=True)
         assert client.classify("batchonly", ["hello"])[0].label
         kserve.close()
+
+
+def test_the_cards_keyword_thresholds_are_the_stream_default_and_a_requested_threshold_replaces_them(
+        tmp_path, recording):
+    """A card whose operating point gives "stop" a threshold of its own that no take reaches: the
+    stream hears the other keywords, not "stop"; a request that sets a threshold sets it for all
+    keywords, and "stop" is heard again. A card naming a label that is not a keyword is refused."""
+    import json
+    import shutil
+
+    version = tmp_path / "keywords" / "2"
+    shutil.copytree(ROOT / "models" / "keywords" / "2", version)
+    card = json.loads((version / "model.json").read_text())
+    (point,) = [p for p in card["detection"]["operating_points"]
+                if p["false_alarm_budget_per_hour"] == card["detection"]["default_budget_per_hour"]]
+    shared = point["detector"]["threshold"]
+    point["detector"]["keyword_thresholds"] = {"stop": 0.999999}
+    (version / "model.json").write_text(json.dumps(card))
+    audio, truth = recording
+    chunks = [_pcm16(audio[i : i + 1600]) for i in range(0, len(audio), 1600)]
+    with BackgroundServer(ServerSettings(models=tmp_path, port=0)) as server, \
+            RnnServeClient(server.target) as client:
+        heard = [d.keyword for r in client.stream("keywords", chunks) for d in r.detections]
+        assert heard == ["yes", "left"]
+        heard = [d.keyword for r in client.stream("keywords", chunks, threshold=shared) for d in r.detections]
+        assert heard == [word for word, _, _ in truth]
+
+    point["detector"]["keyword_thresholds"] = {"_silence_": 0.5}
+    (version / "model.json").write_text(json.dumps(card))
+    with BackgroundServer(ServerSettings(models=tmp_path, port=0)) as server, \
+            RnnServeClient(server.target) as client:
+        (summary,) = client.list_models()
+        assert not summary.ready and "'_silence_' is not a keyword" in summary.reason
