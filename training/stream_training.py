@@ -72,6 +72,9 @@ class ContinuousSpeechTraining:
     loss: str = "cross_entropy"
     window_before_end_s: float = MAX_POOL_BEFORE_END_S  # the max-pooling window around a keyword's end
     window_after_end_s: float = MAX_POOL_AFTER_END_S
+    # cross_entropy: a keyword's frames start this long after its end (the model must hear
+    # whether speech goes on before it fires; 0: at its end)
+    target_delay_s: float = 0.0
     keyword_weight: float = 4.0  # loss weight of a keyword's frames (they are rare)
     learning_rate: float = 1e-3  # fine-tuning the clip-trained weights
     final_learning_rate_fraction: float = 0.05
@@ -210,8 +213,8 @@ class StreamTrainer:
                      for r in recordings]
             targets, windows = np.stack([t for t, _ in built]), [w for _, w in built]
         else:
-            targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels)
-                                for r in recordings])
+            targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels,
+                                              settings.target_delay_s) for r in recordings])
             windows = None
         for recording in recordings:
             seconds = length / 16000

@@ -92,6 +92,13 @@ def test_frame_targets_mark_keyword_ends_speech_and_silence():
     speech = ((ends > 1.0) & (starts < 1.5)) | ((ends > 3.0) & (starts < 4.0))
     assert np.all(targets[speech & ~is_keyword] == LABELS.index(UNKNOWN))
     assert np.all(targets[~speech & ~is_keyword] == LABELS.index(SILENCE))
+    # Delayed targets: the same window, 100 ms later; the frames in between are background again.
+    delayed = frame_targets(recording, frames, 320, 480, LABELS, delay_s=0.1)
+    np.testing.assert_array_equal(delayed == LABELS.index("stop"),
+                                  (ends >= 1.6) & (ends <= 1.6 + TARGET_AFTER_END_S))
+    early = is_keyword & (ends < 1.6)
+    assert early.any() and np.all(delayed[early & speech] == LABELS.index(UNKNOWN))
+    assert np.all(delayed[early & ~speech] == LABELS.index(SILENCE))
 
 
 def test_evaluation_recordings_say_every_take_once_and_negatives_have_none():

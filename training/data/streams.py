@@ -526,8 +526,8 @@ def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.rand
 
 
 def frame_targets(recording: Recording, frames: int, hop_samples: int, window_samples: int,
-                  labels: list[str]) -> np.ndarray:
-    """Per-frame class ids [frames]: a keyword from its end to TARGET_AFTER_END_S after it,
+                  labels: list[str], delay_s: float = 0.0) -> np.ndarray:
+    """Per-frame class ids [frames]: a keyword from delay_s after its end for TARGET_AFTER_END_S,
     _unknown_ on frames that overlap speech, _silence_ elsewhere."""
     starts = np.arange(frames) * hop_samples / SAMPLE_RATE_HZ
     ends = starts + window_samples / SAMPLE_RATE_HZ
@@ -535,7 +535,7 @@ def frame_targets(recording: Recording, frames: int, hop_samples: int, window_sa
     for start, end in recording.speech:
         targets[(ends > start) & (starts < end)] = labels.index(UNKNOWN)
     for keyword, _, end in recording.keywords:
-        targets[(ends >= end) & (ends <= end + TARGET_AFTER_END_S)] = labels.index(keyword)
+        targets[(ends >= end + delay_s) & (ends <= end + delay_s + TARGET_AFTER_END_S)] = labels.index(keyword)
     return targets
 
 
