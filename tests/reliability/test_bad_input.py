@@ -288,8 +288,8 @@ CASES = [
     ("typed-unknown-model", classify(model="nope", texts=["hi"]), NOT_FOUND, ["model 'nope' not found"]),
     ("typed-unknown-version", classify(model="sentiment", version="7", texts=["hi"]), NOT_FOUND,
      ["'sentiment' has no version '7'"]),
-    ("typed-get-unknown-version", lambda c: c.typed.GetModel(pb.GetModelRequest(name="keywords", version="3")),
-     NOT_FOUND, ["'keywords' has no version '3'"]),
+    ("typed-get-unknown-version", lambda c: c.typed.GetModel(pb.GetModelRequest(name="keywords", version="99")),
+     NOT_FOUND, ["'keywords' has no version '99'"]),
     ("typed-texts-and-audio", classify(model="keywords", texts=["yes"], audio=[pb.AudioClip(file=b"x")]), INVALID,
      ["texts and audio"]),
     ("typed-wrong-kind-texts", classify(model="keywords", texts=["yes"]), INVALID, ["does not take texts"]),
@@ -337,8 +337,8 @@ CASES = [
     ("v2-tensor-wrong-rank", tritonclient_infer("adder", "x", "FP32", np.zeros(4, np.float32)), INVALID,
      ["inputs[x]: 1 axes", "takes 2"]),
     ("v2-unknown-model", lambda c: c.triton.get_model_metadata("nope"), NOT_FOUND, ["model 'nope' not found"]),
-    ("v2-unknown-version", lambda c: c.triton.is_model_ready("keywords", "4"), NOT_FOUND,
-     ["'keywords' has no version '4'"]),
+    ("v2-unknown-version", lambda c: c.triton.is_model_ready("keywords", "99"), NOT_FOUND,
+     ["'keywords' has no version '99'"]),
 
     # KServe v2 through raw stubs: what tritonclient never sends
     ("v2-missing-inputs", infer("sentiment"), INVALID, ["inputs", "one input named 'text'", "got []"]),
