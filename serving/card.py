@@ -209,11 +209,8 @@ class ModelCard(_Strict):
             from serving.detector import DetectorConfig
             from serving.errors import InvalidInput
 
-            known = set(DetectorConfig.__dataclass_fields__)
-            if set(defaults) - known:
-                raise ValueError(f"detection: unknown detector settings {sorted(set(defaults) - known)}")
             try:
-                DetectorConfig(**defaults).checked(self.labels)
+                DetectorConfig.from_settings(defaults).checked(self.labels)
             except (InvalidInput, TypeError, ValueError) as error:
                 raise ValueError(f"detection: the default operating point's detector: {error}") from error
         expected = "text" if self.task == "text_classification" else "log_mel"

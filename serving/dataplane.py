@@ -273,10 +273,7 @@ class DataPlane:
             defaults = model.card.detector_defaults()
             if detector.get("threshold"):
                 defaults.pop("keyword_thresholds", None)
-            settings = {**defaults, **{k: v for k, v in detector.items() if v}}
-            known = {f for f in DetectorConfig.__dataclass_fields__}
-            config = DetectorConfig(**{k: v if k == "keyword_thresholds" else float(v)
-                                       for k, v in settings.items() if k in known})
+            config = DetectorConfig.from_settings({**defaults, **{k: v for k, v in detector.items() if v}})
             return self.streams.open_audio(
                 model, sample_rate_hz or model.frontend.config.sample_rate_hz, limits.max_audio_seconds, config
             )

@@ -52,6 +52,15 @@ class DetectorConfig:
         pairs = pairs.items() if isinstance(pairs, Mapping) else pairs
         object.__setattr__(self, "keyword_thresholds", tuple(sorted((str(k), float(v)) for k, v in pairs)))
 
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> DetectorConfig:
+        """A config from stored or requested settings (a card's operating point: numbers, and
+        keyword thresholds as an object); ValueError naming any setting it does not know."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown detector settings {unknown}")
+        return cls(**{k: v if k == "keyword_thresholds" else float(v) for k, v in settings.items()})
+
     def checked(self, labels: Sequence[str] | None = None) -> DetectorConfig:
         """The config, if its values are in range (and its keyword thresholds name keywords of
         `labels`, when given); else InvalidInput naming the field and the limit."""

@@ -205,8 +205,7 @@ class Judge:
 
 
 def tune_keyword_thresholds(judge: Judge, start: DetectorConfig, budget: float = TARGET_FALSE_ALARMS_PER_HOUR,
-                            sweeps: int = 2, rate=lambda result: result["false_alarms_per_hour"]
-                            ) -> tuple[DetectorConfig, dict]:
+                            sweeps: int = 2) -> tuple[DetectorConfig, dict]:
     """From `start`, each keyword's own threshold in turn (coordinate ascent over THRESHOLDS,
     `sweeps` times over the keywords): the one that gives the most recall within the false-alarm
     budget, kept when it gives more than before. Returns the config and its judgement."""
@@ -214,8 +213,8 @@ def tune_keyword_thresholds(judge: Judge, start: DetectorConfig, budget: float =
     best = (start, judge(start))
 
     def key(result):
-        fits = rate(result) <= budget
-        return (fits, result["recall"] if fits else 0.0, -rate(result))
+        fits = result["false_alarms_per_hour"] <= budget
+        return (fits, result["recall"] if fits else 0.0, -result["false_alarms_per_hour"])
 
     for _ in range(sweeps):
         improved = False
