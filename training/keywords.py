@@ -187,7 +187,7 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         batch_labels = torch.from_numpy(labels[sequences]).to(context.device)
         if not per_frame:
             return nn.functional.cross_entropy(trained_model(inputs, lengths), batch_labels[:, 0])
-        logits = clip_logits(trained_model(inputs, lengths, frames=True), ranges, model_config.pooling)
+        logits = clip_logits(trained_model(inputs, lengths, frames=True, head="clip"), ranges, model_config.pooling)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch_labels.reshape(-1))
 
     def scores(part):
@@ -215,8 +215,10 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
                     validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
                     validation_labels=labels[index["validation"]], rng=rng, progress=progress,
                 )
+            # The frame head plays no part in the clip stage: a stage written without one serves.
+            clip_config = {k: v for k, v in model_config.to_dict().items() if k != "frame_head"}
             history = _clip_stage(clip_checkpoint, clip_stage, model, {
-                "data_digest": data.digest(), "model_config": model_config.to_dict(), "train_config": asdict(config),
+                "data_digest": data.digest(), "model_config": clip_config, "train_config": asdict(config),
                 "augment_config": asdict(augment), "frontend": asdict(frontend.config), "joined": joined,
             }) if context.world_size == 1 else clip_stage()
         trainer = StreamTrainer(model, banks, data.clips[index["train"]], labels[index["train"]], data.label_names,
@@ -296,7 +298,10 @@ def _clip_stage(path: Path | None, train, model, made_by: dict) -> list:
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved.get("made_by") == made_by:
-            model.load_state_dict(saved["state"])
+            state = {k: v for k, v in saved["state"].items() if not k.startswith("frame_head.")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("frame_head.") for k in missing):
+                raise RuntimeError(f"{path}: weights do not fit the model ({missing + unexpected})")
             torch.set_rng_state(saved["torch_rng"])
             log.info("clip stage read from %s", path)
             return saved["history"]
@@ -325,7 +330,7 @@ def _stream_evaluation(model, frontend: LogMel, data: AudioClips, test_index: np
             streams = order[start : start + 32]
             inputs = torch.from_numpy(frontend(to_float(data.clips[streams].reshape(len(streams), -1)))).to(device)
             lengths = torch.full((len(streams),), inputs.shape[1], dtype=torch.int64, device=device)
-            logits = clip_logits(model(inputs, lengths, frames=True), ranges, model.config.pooling)
+            logits = clip_logits(model(inputs, lengths, frames=True, head="clip"), ranges, model.config.pooling)
             predicted.append(logits.argmax(-1).cpu().numpy().reshape(-1))
     truth = np.asarray(data.labels)[order.reshape(-1)]
     return evaluation_metrics("test_stream", truth, np.concatenate(predicted), data.label_names)

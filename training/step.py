@@ -10,8 +10,8 @@ into one call and split them again without knowing what they hold:
   [B, classes] for frame_max pooling. "last" needs none.
 
 Outputs: `logits` [B, C] (the prediction for everything streamed so far, equal to model.onnx on
-the whole sequence), `frame_logits` [B, T, C] (the scores after each step of this chunk; rows
-past a row's length are not meaningful) and `<state>_out` for every state input.
+the whole sequence), `frame_logits` [B, T, C] (the scores after each step of this chunk, from the
+frame head where the model has one; rows past a row's length are not meaningful) and `<state>_out` for every state input.
 
 A row of a chunk may be shorter than the chunk (`lengths`): export wires the lengths into the
 recurrent operators' sequence_lens input, so each row's state stops at its own last step.
@@ -78,7 +78,7 @@ class StepModel(nn.Module):
         else:
             outputs, h = model.rnn(embedded, initial_h)
             updated = [h.transpose(0, 1)]
-        frame_logits = model.head(outputs)
+        frame_logits = model.scores(outputs, "frame")
         positions = torch.arange(outputs.shape[1], device=outputs.device).unsqueeze(0)
         valid = (positions < lengths.unsqueeze(1)).unsqueeze(-1)
         if config.pooling == "last":
@@ -91,7 +91,8 @@ class StepModel(nn.Module):
             count = named["state_count"] + lengths.unsqueeze(1).to(outputs.dtype)
             logits, updated = model.head(total / count.clamp(min=1.0)), [*updated, total, count]
         else:  # frame_max
-            running = torch.maximum(named["state_max"], frame_logits.masked_fill(~valid, LOWEST).amax(dim=1))
+            clip_frames = model.scores(outputs, "clip") if model.frame_head is not None else frame_logits
+            running = torch.maximum(named["state_max"], clip_frames.masked_fill(~valid, LOWEST).amax(dim=1))
             logits, updated = running, [*updated, running]
         return (logits, frame_logits, *updated)
 

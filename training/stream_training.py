@@ -95,11 +95,12 @@ QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round
                                                      clip_batch=8)
 
 
-def frame_logits(model, features: torch.Tensor, state):
-    """Per-frame logits [B, T, C] from `state` (None: zeros), and the state after the last frame."""
+def frame_logits(model, features: torch.Tensor, state, head: str = "frame"):
+    """Per-frame logits [B, T, C] from `state` (None: zeros), and the state after the last frame:
+    the detector's (head="frame") or those the clip objective pools (head="clip")."""
     encoded = model.encode(features)
     outputs, state = model.rnn(encoded, state)
-    return model.head(model.dropout(outputs)), state
+    return model.scores(model.dropout(outputs), head), state
 
 
 IGNORED = -100  # a frame the stream loss leaves free
@@ -237,6 +238,7 @@ class StreamTrainer:
 
     def train(self) -> list[dict]:
         settings, model = self.settings, self.model
+        model.begin_frame_head()
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
         chunks = -(-int(settings.recording_seconds * 1000 / self.hop_ms) // settings.chunk_frames)
         total = settings.rounds * settings.batches_per_round * chunks
@@ -269,7 +271,8 @@ class StreamTrainer:
                         logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), weight=self.weights,
                         ignore_index=IGNORED)
                     clip_features, clip_targets = self._clip_batch()
-                    pooled = clip_logits(frame_logits(model, clip_features, None)[0], self.clip_ranges, "frame_max")
+                    pooled = clip_logits(frame_logits(model, clip_features, None, "clip")[0], self.clip_ranges,
+                                         "frame_max")
                     clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),
                                                             clip_targets.reshape(-1))
                     optimizer.zero_grad(set_to_none=True)

@@ -104,7 +104,9 @@ TASKS: dict[str, TaskSpec] = {
         "listen to an endless stream where people talk",
         load=_load_keywords,
         modality="audio",
-        model={"cell": "lstm", "hidden_size": 128, "num_layers": 2, "dropout": 0.1, "pooling": "frame_max"},
+        # frame_head: the detector reads a head of its own, trained on streams only (README).
+        model={"cell": "lstm", "hidden_size": 128, "num_layers": 2, "dropout": 0.1, "pooling": "frame_max",
+               "frame_head": True},
         train=TrainConfig(epochs=12, batch_size=32, learning_rate=3e-3, patience=4),
         quick_model={"hidden_size": 32, "num_layers": 1},
         continuous_speech=True,
@@ -129,7 +131,8 @@ CUSTOM_AUDIO = TaskSpec(
     description="keyword spotter",
     load=_no_data,
     modality="audio",
-    model=TASKS["keywords"].model,
+    # Clips only (no continuous speech to train a frame head on): one head.
+    model={k: v for k, v in TASKS["keywords"].model.items() if k != "frame_head"},
     train=TASKS["keywords"].train,
     quick_model=TASKS["keywords"].quick_model,
 )

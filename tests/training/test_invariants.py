@@ -31,6 +31,8 @@ CONFIGS = {
     "gru-2-max-text": {"cell": "gru", "num_layers": 2, "pooling": "max", "vocab_size": VOCAB},
     "lstm-2-mean-audio": {"cell": "lstm", "num_layers": 2, "pooling": "mean", "feature_dim": FEATURES},
     "gru-1-frame_max-audio": {"cell": "gru", "num_layers": 1, "pooling": "frame_max", "feature_dim": FEATURES},
+    "lstm-2-frame_max-frame_head-audio": {"cell": "lstm", "num_layers": 2, "pooling": "frame_max", "frame_head": True,
+                                          "feature_dim": FEATURES},
     "lstm-2-bi-max-text": {"cell": "lstm", "num_layers": 2, "pooling": "max", "bidirectional": True,
                            "vocab_size": VOCAB},
     "gru-1-bi-mean-audio": {"cell": "gru", "num_layers": 1, "pooling": "mean", "bidirectional": True,
@@ -48,6 +50,12 @@ model = RNNClassifier(ClassifierConfig(num_classes=4, hidden_size=12, embedding_
 if model.config.feature_dim:
     model.feature_mean.uniform_(-1, 1)
     model.feature_std.uniform_(0.5, 2)
+if model.frame_head is not None:  # a frame head unlike the clip head, as training leaves it
+    torch.nn.init.normal_(model.frame_head.weight)
+    sequence = torch.from_numpy(__import__("numpy").random.default_rng(7).standard_normal((1, 30, 5)).astype("float32"))
+    with torch.no_grad():
+        frames = {h: model(sequence, torch.tensor([30]), frames=True, head=h)[0].numpy().tolist() for h in ("frame", "clip")}
+    (folder / "frames.json").write_text(json.dumps(frames))
 export_onnx(model, folder / "model.onnx")
 check_graph(folder / "model.onnx", model.config)
 states = []
@@ -55,6 +63,9 @@ if not model.config.bidirectional:
     states = [s.__dict__ for s in export_step(model, folder / "step.onnx", exporter="torchscript")]
 (folder / "states.json").write_text(json.dumps(states))
 """
+
+
+FRAMES: dict[str, Path] = {}  # configuration -> per-step torch logits of both heads (frame-head models)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -67,6 +78,7 @@ def exported(request, tmp_path_factory):
     step = None
     if (folder / "step.onnx").exists():
         step = onnxruntime.InferenceSession(str(folder / "step.onnx"), providers=["CPUExecutionProvider"])
+    FRAMES[json.dumps(CONFIGS[request.param], sort_keys=True)] = folder / "frames.json"
     return CONFIGS[request.param], batch, step, json.loads((folder / "states.json").read_text())
 
 
@@ -158,3 +170,19 @@ def test_streams_of_different_chunk_lengths_share_one_call(exported):
     second = step.run(None, {name: _pad([a[10:], b[3:]])[0], "lengths": np.array([15, 6]), **state})
     np.testing.assert_allclose(second[0][0], _logits(batch, *_pad([a]))[0], atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(second[0][1], _logits(batch, *_pad([b]))[0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_frame_head_gives_the_per_step_scores_and_the_clip_head_the_pooled_logits(exported):
+    """step.onnx's frame_logits come from the frame head (what the detector reads), its logits
+    and model.onnx's from the clip head's frame maximum; the two heads differ here."""
+    config, batch, step, states = exported
+    if not config.get("frame_head"):
+        pytest.skip("one head")
+    saved = json.loads(FRAMES[json.dumps(config, sort_keys=True)].read_text())
+    frames = {head: np.array(values, np.float32) for head, values in saved.items()}
+    sequence = np.random.default_rng(7).standard_normal((30, FEATURES)).astype(np.float32)
+    streamed, step_frames = _stream(step, states, sequence, [0, 11, 30])
+    np.testing.assert_allclose(step_frames, frames["frame"], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(streamed, frames["clip"].max(0), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(_logits(batch, *_pad([sequence]))[0], frames["clip"].max(0), atol=TOLERANCE, rtol=0)
+    assert np.abs(frames["frame"] - frames["clip"]).max() > 1e-2

@@ -15,7 +15,7 @@ import torch
 
 from serving.audio import FrontendConfig, LogMel, mel_filterbank
 from training.augment import AugmentConfig, Augmenter, change_speed, reverberate
-from training.keywords import clip_frames, clip_logits
+from training.keywords import _clip_stage, clip_frames, clip_logits
 from training.models.classifier import ClassifierConfig, RNNClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,6 +87,34 @@ def test_frame_max_pooling_is_the_max_of_per_frame_scores_and_ignores_padding(ce
             torch.testing.assert_close(pooled[row : row + 1], alone)
         torch.testing.assert_close(clip_logits(frames, [(0, 9), (10, 19)], "frame_max")[:, 1],
                                    frames[:, 10:20].amax(1))
+
+
+def test_a_frame_head_is_the_per_frame_head_starts_from_the_clip_head_and_needs_frame_max(tmp_path):
+    with pytest.raises(ValueError, match="frame_head needs pooling='frame_max'"):
+        ClassifierConfig(num_classes=3, feature_dim=4, pooling="last", frame_head=True)
+    config = {"num_classes": 3, "feature_dim": 4, "hidden_size": 6, "pooling": "frame_max", "dropout": 0.0}
+    torch.manual_seed(0)
+    plain = RNNClassifier(ClassifierConfig(**config)).eval()
+    torch.manual_seed(0)
+    headed = RNNClassifier(ClassifierConfig(**config, frame_head=True)).eval()
+    # The frame head costs no random draw: the shared weights start equal, so a clip stage trains alike.
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(headed.state_dict()[name], value)
+    features, lengths = torch.randn(2, 9, 4), torch.tensor([9, 5])
+    with torch.no_grad():
+        headed.frame_head.weight.add_(1.0)
+        frames, clip = headed(features, lengths, frames=True), headed(features, lengths, frames=True, head="clip")
+        assert (frames - clip).abs().max() > 1e-3
+        torch.testing.assert_close(headed(features, lengths)[1], clip[1, :5].amax(0))  # frame_max pools the clip head
+        headed.begin_frame_head()
+        torch.testing.assert_close(headed(features, lengths, frames=True), clip)
+    # A clip stage written by a model without a frame head is read by one with it, and back.
+    path = tmp_path / "clip-stage.pt"
+    _clip_stage(path, lambda: [{"epoch": 1}], plain, {"made_by": 1})
+    torch.manual_seed(1)
+    other = RNNClassifier(ClassifierConfig(**config, frame_head=True))
+    assert _clip_stage(path, lambda: pytest.fail("trained again"), other, {"made_by": 1}) == [{"epoch": 1}]
+    torch.testing.assert_close(other.rnn.weight_hh_l0, plain.rnn.weight_hh_l0)
 
 
 def test_quick_keywords_run_trains_on_continuous_speech_evaluates_and_exports(tmp_path):

@@ -3,6 +3,7 @@ padding-invariant by construction."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +43,11 @@ class ClassifierConfig:
     # occurrence of a token in a batch at once), and DropConnect on the hidden-to-hidden weights.
     embedding_dropout: float = 0.0
     weight_dropout: float = 0.0
+    # A second linear head for the per-frame scores a stream's detector reads (forward with
+    # frames=True, step.onnx's frame_logits), beside the head that frame_max pools over a clip
+    # (model.onnx, step.onnx's logits). Both read the same recurrent outputs. Without it the one
+    # head does both, and the clip objective's frame maximum pulls the detector's scores early.
+    frame_head: bool = False
 
     def __post_init__(self) -> None:
         if (self.vocab_size > 0) == (self.feature_dim > 0):
@@ -59,6 +65,8 @@ class ClassifierConfig:
             raise ValueError("pooling='max_mean' is for batch-only (bidirectional or chunked) models")
         if self.chunk_tokens and self.bidirectional:
             raise ValueError("chunk_tokens needs a unidirectional model")
+        if self.frame_head and self.pooling != "frame_max":
+            raise ValueError("frame_head needs pooling='frame_max'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,23 +99,28 @@ class RNNClassifier(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         pooled = 2 if config.pooling == "max_mean" else 1
         self.head = nn.Linear(config.hidden_size * directions * pooled, config.num_classes)
+        # A copy of the head (no random draw, so the clip stage trains as it does without one);
+        # the stream stage starts it from the trained clip head (begin_frame_head).
+        self.frame_head = copy.deepcopy(self.head) if config.frame_head else None
         # Set while exporting: packed sequences do not export, so a bidirectional model runs
         # its RNN unpacked and export wires the ONNX operator's sequence_lens input instead,
         # which gives the backward direction the same start as packing does.
         self.exporting = False
 
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, frames: bool = False,
+                head: str = "frame") -> torch.Tensor:
         """inputs: token ids int64 [B, T] or features float32 [B, T, F]; lengths int64 [B] (>= 1)
         -> logits float32 [B, C].
 
-        frames=True (unidirectional models) gives the head's logits after every step instead,
-        [B, T, C]: what a stream would report after each step, whatever the pooling.
+        frames=True (unidirectional models) gives logits after every step instead, [B, T, C]:
+        with head="frame", what a stream's detector reads after each step, whatever the pooling;
+        with head="clip", the per-frame logits frame_max pools (the same unless frame_head).
         """
         embedded = self.encode(inputs)
         if frames:
             if self.config.bidirectional or self.config.chunk_tokens:
                 raise ValueError("per-step outputs need a unidirectional model that reads its input whole")
-            return self.head(self.dropout(self.recur(embedded)[0]))
+            return self.scores(self.dropout(self.recur(embedded)[0]), head)
         if self.config.pooling == "frame_max":
             frame_logits = self.head(self.dropout(self.recur(embedded)[0]))
             return self.pool(frame_logits, lengths, "max")
@@ -123,6 +136,18 @@ class RNNClassifier(nn.Module):
         else:
             outputs, _ = self.recur(embedded)
         return self.head(self.dropout(self.pool(outputs, lengths, self.config.pooling)))
+
+    def scores(self, outputs: torch.Tensor, head: str = "frame") -> torch.Tensor:
+        """Per-step logits of recurrent outputs [B, T, D]: the detector's ("frame") or the ones
+        frame_max pools over a clip ("clip")."""
+        if head not in ("frame", "clip"):
+            raise ValueError(f"head must be 'frame' or 'clip', got {head!r}")
+        return (self.frame_head if head == "frame" and self.frame_head is not None else self.head)(outputs)
+
+    def begin_frame_head(self) -> None:
+        """Start the frame head from the clip head's weights (before training on streams)."""
+        if self.frame_head is not None:
+            self.frame_head.load_state_dict(self.head.state_dict())
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Token embeddings or normalised features [B, T, input size], before the RNN."""
