@@ -5,6 +5,7 @@ keyword detections as they happen.
     python examples/stream_wav.py --say "yes ... stop ... go left" --out said.wav   # make one with espeak-ng
     python examples/stream_wav.py recording.wav --fast                              # no real-time pacing
     python examples/stream_wav.py recording.wav --triton                            # KServe v2 sequence
+    python examples/stream_wav.py recording.wav --version 3                         # an older version
 
 The file is sent in 100 ms chunks of PCM16 at its own sample rate; the server resamples,
 frames and steps the model with the state it holds for this stream. With --triton the same
@@ -38,7 +39,7 @@ def chunks_of(samples: np.ndarray, rate: int, chunk_ms: int, realtime: bool):
 def typed(args, samples: np.ndarray, rate: int) -> None:
     with RnnServeClient(args.server) as client:
         for update in client.stream(args.model, chunks_of(samples, rate, args.chunk_ms, not args.fast),
-                                    sample_rate_hz=rate, threshold=args.threshold, report_every_ms=1000):
+                                    version=args.version, sample_rate_hz=rate, threshold=args.threshold, report_every_ms=1000):
             for detection in update.detections:
                 print(f"{detection.start_ms / 1000:7.2f}-{detection.end_ms / 1000:.2f} s  {detection.keyword:<6} "
                       f"confidence {detection.confidence:.3f}", flush=True)
@@ -58,7 +59,7 @@ def triton(args, samples: np.ndarray, rate: int) -> None:
         audio = (np.frombuffer(piece, "<i2").astype(np.float32) / 32768.0)[None]
         tensor = tc.InferInput("audio", list(audio.shape), "FP32")
         tensor.set_data_from_numpy(audio)
-        result = client.infer(args.model, [tensor], sequence_id=4242, sequence_start=index == 0,
+        result = client.infer(args.model, [tensor], model_version=args.version, sequence_id=4242, sequence_start=index == 0,
                               sequence_end=index == len(pieces) - 1, parameters={"sample_rate_hz": rate})
     label = result.as_numpy("label")[0].decode()
     print(f"whole-stream prediction after {len(samples) / rate:.2f} s: {label} "
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("said.wav"), help="where --say writes (default said.wav)")
     parser.add_argument("--server", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
     parser.add_argument("--model", default="keywords")
+    parser.add_argument("--version", default="", help="model version (default: the newest)")
     parser.add_argument("--chunk-ms", type=int, default=100)
     parser.add_argument("--threshold", type=float, default=0.0, help="detection threshold (0: the model's default)")
     parser.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time")
