@@ -39,7 +39,8 @@ def chunks_of(samples: np.ndarray, rate: int, chunk_ms: int, realtime: bool):
 def typed(args, samples: np.ndarray, rate: int) -> None:
     with RnnServeClient(args.server) as client:
         for update in client.stream(args.model, chunks_of(samples, rate, args.chunk_ms, not args.fast),
-                                    version=args.version, sample_rate_hz=rate, threshold=args.threshold, report_every_ms=1000):
+                                    version=args.version, sample_rate_hz=rate, threshold=args.threshold,
+                                    report_every_ms=1000):
             for detection in update.detections:
                 print(f"{detection.start_ms / 1000:7.2f}-{detection.end_ms / 1000:.2f} s  {detection.keyword:<6} "
                       f"confidence {detection.confidence:.3f}", flush=True)
@@ -59,8 +60,9 @@ def triton(args, samples: np.ndarray, rate: int) -> None:
         audio = (np.frombuffer(piece, "<i2").astype(np.float32) / 32768.0)[None]
         tensor = tc.InferInput("audio", list(audio.shape), "FP32")
         tensor.set_data_from_numpy(audio)
-        result = client.infer(args.model, [tensor], model_version=args.version, sequence_id=4242, sequence_start=index == 0,
-                              sequence_end=index == len(pieces) - 1, parameters={"sample_rate_hz": rate})
+        result = client.infer(args.model, [tensor], model_version=args.version, sequence_id=4242,
+                              sequence_start=index == 0, sequence_end=index == len(pieces) - 1,
+                              parameters={"sample_rate_hz": rate})
     label = result.as_numpy("label")[0].decode()
     print(f"whole-stream prediction after {len(samples) / rate:.2f} s: {label} "
           f"({result.as_numpy('probabilities')[0].max():.3f})")

@@ -11,7 +11,8 @@ into one call and split them again without knowing what they hold:
 
 Outputs: `logits` [B, C] (the prediction for everything streamed so far, equal to model.onnx on
 the whole sequence), `frame_logits` [B, T, C] (the scores after each step of this chunk, from the
-frame head where the model has one; rows past a row's length are not meaningful) and `<state>_out` for every state input.
+frame head where the model has one; rows past a row's length are not meaningful) and
+`<state>_out` for every state input.
 
 A row of a chunk may be shorter than the chunk (`lengths`): export wires the lengths into the
 recurrent operators' sequence_lens input, so each row's state stops at its own last step.

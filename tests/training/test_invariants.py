@@ -52,9 +52,11 @@ if model.config.feature_dim:
     model.feature_std.uniform_(0.5, 2)
 if model.frame_head is not None:  # a frame head unlike the clip head, as training leaves it
     torch.nn.init.normal_(model.frame_head.weight)
-    sequence = torch.from_numpy(__import__("numpy").random.default_rng(7).standard_normal((1, 30, 5)).astype("float32"))
+    import numpy
+    sequence = torch.from_numpy(numpy.random.default_rng(7).standard_normal((1, 30, 5)).astype("float32"))
     with torch.no_grad():
-        frames = {h: model(sequence, torch.tensor([30]), frames=True, head=h)[0].numpy().tolist() for h in ("frame", "clip")}
+        frames = {h: model(sequence, torch.tensor([30]), frames=True, head=h)[0].numpy().tolist()
+                  for h in ("frame", "clip")}
     (folder / "frames.json").write_text(json.dumps(frames))
 export_onnx(model, folder / "model.onnx")
 check_graph(folder / "model.onnx", model.config)
