@@ -134,6 +134,8 @@ def _train(args: argparse.Namespace) -> int:
             model[name] = getattr(args, name)
     if spec.modality == "audio":
         model.pop("embedding_dim", None)
+    if model.get("pooling") != "frame_max":
+        model.pop("frame_head", None)  # the detector's own head sits beside a frame_max clip head only
     from training.data.files import DataFormatError
     from training.data.speech import SynthesisError
 
