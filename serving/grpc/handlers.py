@@ -78,22 +78,33 @@ def invalid_utf8_field(descriptor, data: bytes, prefix: str = "") -> str | None:
 
 
 class Drain:
-    """The unary calls in flight on one server, and whether it has begun to shut down.
+    """The calls in flight on one server, and whether it has begun to shut down.
 
-    Once `close` is called every new call (of any shape) is refused with UNAVAILABLE, and `wait`
-    returns when the unary calls already running have answered. The server shuts down through
-    it rather than through the front alone: pygrpc-native's stop cut off some answers still
-    being computed (clients saw GOAWAY, "Stream removed"), so the front is stopped only after
-    the calls are done (serving.grpc.server.RunningServer.stop).
+    Once `close` is called every new call (of any shape) is refused with UNAVAILABLE, `wait`
+    returns when the unary calls already running have answered, and `end_streams` gives the
+    open streams what is left of the grace period, then ends each with UNAVAILABLE itself.
+
+    The server shuts down through it rather than through the front alone:
+    - pygrpc-native's stop cut off some answers still being computed (clients saw GOAWAY,
+      "Stream removed"), so the front is stopped only after the calls are done
+      (serving.grpc.server.RunningServer.stop);
+    - grpcio's stop ends a stream still open at the end of the grace period by cancelling its
+      task, which now and then escaped grpcio's own handling and was logged as an unhandled
+      CancelledError with a traceback; a stream ended here gets a status that says why.
     """
 
     MESSAGE = "the server is shutting down"
+    STREAM_ENDED = "the server is shutting down: the stream was still open at the end of the grace period"
 
     def __init__(self) -> None:
         self.closing = False
         self.calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._streams: set[asyncio.Task] = set()
+        self._streams_idle = asyncio.Event()
+        self._streams_idle.set()
+        self._ending: set[asyncio.Task] = set()
 
     def close(self) -> None:
         self.closing = True
@@ -118,6 +129,42 @@ class Drain:
         self.calls -= 1
         if not self.calls:
             self._idle.set()
+
+    def open_stream(self) -> asyncio.Task:
+        """Counts the streaming call running in this task until `close_stream`."""
+        task = asyncio.current_task()
+        self._streams.add(task)
+        self._streams_idle.clear()
+        return task
+
+    def close_stream(self, task: asyncio.Task) -> None:
+        self._streams.discard(task)
+        self._ending.discard(task)
+        if not self._streams:
+            self._streams_idle.set()
+
+    def ended_by_shutdown(self, task: asyncio.Task) -> bool:
+        return task in self._ending
+
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+    async def end_streams(self, timeout_s: float) -> int:
+        """Waits up to timeout_s for the open streams to end, then ends the rest (their handlers
+        answer UNAVAILABLE, STREAM_ENDED) and waits for them; returns how many were ended."""
+        if self._streams and timeout_s > 0:
+            try:
+                await asyncio.wait_for(self._streams_idle.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        left = list(self._streams)
+        for task in left:
+            self._ending.add(task)
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5.0)
+        return len(left)
 
 
 def _deserializer(message_class):
@@ -145,6 +192,14 @@ async def _checked_stream(requests: AsyncIterator, context: grpc.aio.ServicerCon
         yield await _checked(request, context)
 
 
+async def _end_if_shut_down(drain: Drain, task: asyncio.Task, context: grpc.aio.ServicerContext) -> None:
+    """A stream the drain cancelled at the end of the grace period answers UNAVAILABLE; any other
+    cancellation (the client's, or its deadline) goes on as one."""
+    if drain.ended_by_shutdown(task):
+        task.uncancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, Drain.STREAM_ENDED)
+
+
 def _handler(method, implementation, drain: Drain):
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
@@ -158,22 +213,43 @@ def _handler(method, implementation, drain: Drain):
         if method.server_streaming:
             async def stream_in_stream_out(requests, context):
                 await drain.refuse_if_closing(context)
-                async for response in implementation(_checked_stream(requests, context), context):
-                    yield response
+                task = drain.open_stream()
+                try:
+                    async for response in implementation(_checked_stream(requests, context), context):
+                        yield response
+                except asyncio.CancelledError:
+                    await _end_if_shut_down(drain, task, context)
+                    raise
+                finally:
+                    drain.close_stream(task)
 
             return grpc.stream_stream_rpc_method_handler(stream_in_stream_out, **codec)
 
         async def stream_in(requests, context):
             await drain.refuse_if_closing(context)
-            return await implementation(_checked_stream(requests, context), context)
+            task = drain.open_stream()
+            try:
+                return await implementation(_checked_stream(requests, context), context)
+            except asyncio.CancelledError:
+                await _end_if_shut_down(drain, task, context)
+                raise
+            finally:
+                drain.close_stream(task)
 
         return grpc.stream_unary_rpc_method_handler(stream_in, **codec)
     if method.server_streaming:
         async def unary_in_stream_out(request, context):
             await drain.refuse_if_closing(context)
-            request = await _checked(request, context)
-            async for response in implementation(request, context):
-                yield response
+            task = drain.open_stream()
+            try:
+                request = await _checked(request, context)
+                async for response in implementation(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                await _end_if_shut_down(drain, task, context)
+                raise
+            finally:
+                drain.close_stream(task)
 
         return grpc.unary_stream_rpc_method_handler(unary_in_stream_out, **codec)
 

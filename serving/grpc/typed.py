@@ -191,7 +191,10 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
             yield report.add(update)
         except (asyncio.CancelledError, GeneratorExit):
             remaining = context.time_remaining()
-            reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+            if not self.dataplane.accepting:  # the drain ended it at the end of the grace period
+                reason = "shutdown"
+            else:
+                reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
             raise
         finally:
             streams.close(stream, reason)

@@ -5,6 +5,8 @@ and the stop returns when the held calls are done, not at the end of the grace p
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,3 +75,43 @@ def test_the_drain_waits_for_the_calls_in_flight_only():
         return seen
 
     assert asyncio.run(counts()) == [True, False, False, True]
+
+
+def test_a_stream_open_past_the_grace_period_is_ended_with_unavailable(front_settings, caplog):
+    """A stream that neither sends nor ends is given the grace period, then answered UNAVAILABLE
+    saying why, on each front, with nothing logged as an unhandled error; a stream that ends
+    within the grace period gets its final answer."""
+    settings = ServerSettings(models=ROOT / "models", port=0, **front_settings)
+    server = BackgroundServer(settings).__enter__()
+    channel = grpc.insecure_channel(server.target)
+    stub = rnnserve_pb2_grpc.RnnServeStub(channel)
+    try:
+        finishing, hanging = queue.Queue(), queue.Queue()
+        for feed in (finishing, hanging):
+            feed.put(pb.StreamRequest(config=pb.StreamConfig(model="sentiment")))
+            feed.put(pb.StreamRequest(chunk=pb.StreamChunk(text="what a ")))
+        finishing_call = stub.Stream(iter(finishing.get, None))
+        hanging_call = stub.Stream(iter(hanging.get, None))
+        next(finishing_call), next(hanging_call)
+        caplog.set_level(logging.WARNING)
+        started = time.monotonic()
+        stopping = threading.Thread(target=server.stop, kwargs={"grace_s": 1.5})
+        stopping.start()
+        time.sleep(0.3)
+        finishing.put(pb.StreamRequest(chunk=pb.StreamChunk(text="wonderful flight")))
+        finishing.put(None)
+        assert list(finishing_call)[-1].final
+        with pytest.raises(grpc.RpcError) as ended:
+            list(hanging_call)
+        ended_after = time.monotonic() - started
+        stopping.join(timeout=10)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        assert Drain.STREAM_ENDED in ended.value.details()
+        assert 1.2 < ended_after < 5, f"the open stream ended {ended_after:.1f} s after the stop (grace 1.5 s)"
+        assert not stopping.is_alive()
+        unhandled = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not unhandled, unhandled
+    finally:
+        hanging.put(None)
+        channel.close()
+        server.stop()
