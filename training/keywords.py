@@ -227,7 +227,7 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         continuous_summary = {"settings": asdict(settings), "rounds": rounds, "seen": trainer.seen,
                               "hard_negatives": len(trainer.hard_negatives),
                               "banks": {split: {kind: round(bank.seconds(kind) / 3600, 3)
-                                                for kind in ("keyword", "near_miss", "prose")}
+                                                for kind in ("keyword", "sentence", "near_miss", "prose")}
                                         | {"voices": len(set(bank.voices))} for split, bank in banks.items()}}
     else:
         history = fit(

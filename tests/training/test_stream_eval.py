@@ -46,13 +46,14 @@ def _posteriors(seconds: float, words: list[tuple[int, float]]) -> np.ndarray:
 
 def test_hits_are_reported_between_start_and_half_a_second_after_the_end():
     recording = Recording(np.zeros(10 * 16000, np.float32),
-                          [("yes", 1.0, 1.5), ("no", 3.0, 3.4), ("yes", 6.0, 6.4)], [])
+                          [("yes", 1.0, 1.5), ("no", 3.0, 3.4), ("yes", 6.0, 6.4)], [], [False, True, True])
     # "yes" fires at once after its end: reported 100 ms later, a hit. "no" is answered with
     # "yes": a false alarm and a miss. The second "yes" is reported 1.0 s after its end: too late.
     posteriors = _posteriors(10, [(0, 1.5), (0, 3.4), (0, 7.3)])
     result = score([recording], [posteriors], LABELS, HOP_MS, WINDOW_MS, CONFIG)
     assert (result["hits"], result["keywords"], result["false_alarms"]) == (1, 3, 2)
     assert result["recall_per_keyword"] == {"yes": 0.5, "no": 0.0}
+    assert result["recall_by_delivery"] == {"command": 1.0, "in_sentence": 0.0}
     assert result["top_false_alarms"] == {"no->yes": 1, "none->yes": 1}
 
 

@@ -8,8 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from training.data.speech import KEYWORDS, LABELS, SILENCE, UNKNOWN
+from training.data.speech import KEYWORDS, LABELS, SILENCE, UNKNOWN, Speaker, synthesize, synthesize_timed
 from training.data.streams import (
+    CARRIER_PHRASES,
     FESTIVAL_HELD_OUT_VOICE,
     FESTIVAL_TRAINING_VOICES,
     HELD_OUT,
@@ -24,22 +25,33 @@ from training.data.streams import (
     evaluation_recordings,
     festival_available,
     festival_synthesize,
+    festival_synthesize_timed,
     frame_targets,
+    keyword_sentence,
     speakable,
 )
 
 QUIET = Mix(noise_probability=0.0, babble_probability=0.0, reverb_probability=0.0)
 
 
+def _tone(frequency: float, seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
 def _tone_bank(voices=("a", "b")) -> Bank:
-    """Each utterance is a tone of its own frequency, so that it can be found again in a recording."""
+    """Each utterance is a tone of its own frequency, so that it can be found again in a recording;
+    a "sentence" is three tones, its keyword the middle one."""
     parts, frequency = [], 200
     for voice in voices:
         for kind, label, seconds in ([("keyword", k, 0.4) for k in KEYWORDS]
                                      + [("near_miss", UNKNOWN, 0.3)] * 3 + [("prose", UNKNOWN, 3.0)] * 4):
-            t = np.arange(int(seconds * 16000)) / 16000
-            parts.append((kind, label, voice, (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)))
+            parts.append((kind, label, voice, _tone(frequency, seconds)))
             frequency += 37
+        for keyword in KEYWORDS[:4]:
+            before, said, after = _tone(frequency, 0.7), _tone(frequency + 13, 0.35), _tone(frequency + 26, 0.5)
+            parts.append(("sentence", keyword, voice, np.concatenate([before, said, after]), (0.7, 1.05)))
+            frequency += 41
     return Bank.join(parts)
 
 
@@ -65,13 +77,19 @@ def test_composed_recording_holds_its_keywords_where_it_says():
     bank = _tone_bank()
     recording = compose(bank, 40.0, np.random.default_rng(3), QUIET)
     assert len(recording.samples) >= 40 * 16000 and recording.keywords
-    takes = {bank.labels[i]: bank.utterance(i) for i in bank.of_kind("keyword") if bank.voices[i] in ("a", "b")}
+    said = [*bank.of_kind("keyword"), *bank.of_kind("sentence")]
+    in_sentences = 0
     for label, start, end in recording.keywords:
         segment = recording.samples[round(start * 16000) : round(end * 16000)]
-        candidates = [bank.utterance(i) for i in bank.of_kind("keyword") if bank.labels[i] == label]
-        # The segment is one of that keyword's takes, scaled by the segment's gain.
-        assert any(len(c) == len(segment) and abs(np.corrcoef(c, segment)[0, 1]) > 0.999 for c in candidates), label
-        assert label in takes
+        # The segment is one of that keyword's takes, or the keyword of one of its sentences,
+        # scaled by the segment's gain.
+        spans = {i: [round(t * 16000) for t in bank.keyword_span(i)] for i in said if bank.labels[i] == label}
+        candidates = {i: bank.utterance(i)[a:b] for i, (a, b) in spans.items()}
+        matches = [i for i, c in candidates.items()
+                   if len(c) == len(segment) and abs(np.corrcoef(c, segment)[0, 1]) > 0.999]
+        assert matches, label
+        in_sentences += bank.kinds[matches[0]] == "sentence"
+    assert 0 < in_sentences < len(recording.keywords)
     for start, end in recording.speech:
         assert np.abs(recording.samples[round(start * 16000) : round(end * 16000)]).max() > 0.01
     # Between speech stretches there is silence (no noise in this mix).
@@ -105,7 +123,7 @@ def test_evaluation_recordings_say_every_take_once_and_negatives_have_none():
     bank = _tone_bank()
     judged = evaluation_recordings(bank, seed=0)
     said = sorted(k[0] for r in judged["keywords"] for k in r.keywords)
-    assert said == sorted(bank.labels[i] for i in bank.of_kind("keyword"))
+    assert said == sorted(bank.labels[i] for i in (*bank.of_kind("keyword"), *bank.of_kind("sentence")))
     assert all(not r.keywords for r in judged["negative"])
     prose_seconds = bank.seconds("prose")
     assert sum(len(r.samples) for r in judged["negative"]) / 16000 >= prose_seconds
@@ -126,3 +144,53 @@ def test_festival_voices_speak_at_16khz_with_prosody():
     # The HTS voice (32 kHz, resampled) keeps its own speaking rate: its duration stretch is ignored.
     (held_out,) = festival_synthesize(FESTIVAL_HELD_OUT_VOICE, [("stop the music", 1.0)])
     assert 0.5 < len(held_out) / 16000 < 3.0 and np.abs(held_out).max() > 0.05
+
+
+def test_keyword_sentences_say_their_keyword_once_where_they_say():
+    keyword_words = re.compile(r"\b(" + "|".join([*KEYWORDS, *(w for ws in HOMOPHONES.values() for w in ws)]) + r")\b",
+                               re.IGNORECASE)
+    for keyword, phrases in CARRIER_PHRASES.items():
+        for phrase in phrases:
+            assert keyword_words.findall(phrase) == [keyword], phrase
+    rng = np.random.default_rng(5)
+    prose = [speakable("The minister said on Tuesday that the report was left unfinished by the committee")]
+    carried = inserted = 0
+    for keyword in KEYWORDS * 20:
+        text, at = keyword_sentence(keyword, prose, rng)
+        assert keyword_words.findall(text) == [keyword], text
+        assert text[at : at + len(keyword)] == keyword and (at == 0 or text[at - 1] == " "), (text, at)
+        assert 2 <= len(text.split()) <= 15
+        carried += text in CARRIER_PHRASES[keyword]
+        inserted += text not in CARRIER_PHRASES[keyword]
+    assert carried > 30 and inserted > 100
+
+
+def test_espeak_says_where_a_word_lies_in_a_sentence():
+    """The span espeak-ng's word events give for a word lies inside the sentence and is loud, the
+    spans of consecutive words follow one another, and "stop" lasts about as long as it does said
+    on its own."""
+    speaker = Speaker("en-us", "m3")
+    text = "please turn the lights on and stop the music"
+    spans = {}
+    for word in ("please", "lights", "on", "stop", "music"):
+        samples, start, end = synthesize_timed(text, text.index(word), speaker, 160, 50, 100)
+        assert 0 <= start < end <= len(samples) / 16000
+        assert np.abs(samples[round(start * 16000) : round(end * 16000)]).max() > 0.05
+        spans[word] = (start, end)
+    assert spans["please"][0] == 0 and spans["music"][1] == pytest.approx(len(samples) / 16000, abs=0.01)
+    order = [spans[w] for w in ("please", "lights", "on", "stop", "music")]
+    # (Each span is from its own call, and espeak-ng varies a little from one call to the next.)
+    assert all(a[1] <= b[0] + 0.03 for a, b in zip(order, order[1:], strict=False))
+    alone = len(synthesize("stop", speaker, 160, 50, 100)) / 16000
+    assert 0.5 < (spans["stop"][1] - spans["stop"][0]) / alone < 1.5
+
+
+@pytest.mark.skipif(not festival_available(), reason="Festival is a Debian package; .ci/run installs it")
+def test_festival_says_where_a_word_lies_in_a_sentence():
+    for voice in (FESTIVAL_TRAINING_VOICES[0], FESTIVAL_HELD_OUT_VOICE):
+        (first, start_on, end_on), (_, start_stop, end_stop) = festival_synthesize_timed(
+            voice, [("please turn the lights on and stop the music", 1.0, "on"),
+                    ("stop the music", 1.0, "stop")])
+        assert 0.5 < start_on < end_on < len(first) / 16000 - 0.5
+        assert np.abs(first[round(start_on * 16000) : round(end_on * 16000)]).max() > 0.05
+        assert start_stop == 0 and 0.1 < end_stop < 0.6

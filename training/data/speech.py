@@ -9,6 +9,8 @@ speakers are never heard in training.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import shutil
 import subprocess
@@ -99,6 +101,107 @@ def synthesize(word: str, speaker: Speaker, rate_wpm: int = 160, pitch: int = 50
     samples = resample_poly(pcm.astype(np.float32) / 32768.0, ratio.numerator, ratio.denominator)
     loud = np.flatnonzero(np.abs(samples) > 0.01)
     return samples[loud[0] : loud[-1] + 1].astype(np.float32) if loud.size else samples.astype(np.float32)
+
+
+class _EspeakEvent(ctypes.Structure):
+    # espeak_EVENT from espeak-ng's speak_lib.h
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+_ESPEAK_WORD_EVENT, _ESPEAK_END_EVENT = 1, 5
+_ESPEAK_RATE, _ESPEAK_VOLUME, _ESPEAK_PITCH = 1, 2, 3
+_ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                    ctypes.POINTER(_EspeakEvent))
+
+
+class _EspeakLibrary:
+    """libespeak-ng in this process, synchronous: the same synthesiser as the espeak-ng command,
+    which does not say where each word lies; the library's word events do."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+        try:
+            self.lib = ctypes.CDLL(name)
+        except OSError as error:
+            raise SynthesisError(f"libespeak-ng is missing (Debian: apt-get install espeak-ng): {error}") from None
+        self.rate_hz = self.lib.espeak_Initialize(2, 0, None, 0)  # AUDIO_OUTPUT_SYNCHRONOUS
+        if self.rate_hz <= 0:
+            raise SynthesisError("libespeak-ng failed to initialise")
+        self.pcm: list[np.ndarray] = []
+        self.words: list[tuple[int, int]] = []  # (text position, first sample) of each word
+        self.end = 0
+        self._callback = _ESPEAK_CALLBACK(self._on_audio)  # kept: the library holds only a pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _on_audio(self, wav, count, events) -> int:
+        if count > 0:
+            self.pcm.append(np.ctypeslib.as_array(wav, (count,)).copy())
+        index = 0
+        while events[index].type != 0:
+            event = events[index]
+            if event.type == _ESPEAK_WORD_EVENT:
+                self.words.append((event.text_position, event.sample))
+            elif event.type == _ESPEAK_END_EVENT:
+                self.end = event.sample
+            index += 1
+        return 0
+
+    def speak(self, text: str, voice: str, rate_wpm: int, pitch: int, amplitude: int):
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise SynthesisError(f"espeak-ng has no voice {voice!r}")
+        for parameter, value in ((_ESPEAK_RATE, rate_wpm), (_ESPEAK_PITCH, pitch), (_ESPEAK_VOLUME, amplitude)):
+            self.lib.espeak_SetParameter(parameter, value, 0)
+        self.pcm, self.words, self.end = [], [], 0
+        data = text.encode()
+        # position type 1 (POS_CHARACTER), flags 0 (espeakCHARS_AUTO): text positions count characters from 1
+        if self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 0, None, None) != 0:
+            raise SynthesisError(f"espeak-ng failed for {text!r} with {voice}")
+        self.lib.espeak_Synchronize()
+        pcm = np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.int16)
+        return pcm, list(self.words), max(self.end, len(pcm))
+
+
+@cache
+def _espeak_library() -> _EspeakLibrary:
+    return _EspeakLibrary()
+
+
+def synthesize_timed(text: str, word_start: int, speaker: Speaker, rate_wpm: int = 160, pitch: int = 50,
+                     amplitude: int = 100) -> tuple[np.ndarray, float, float]:
+    """`text` spoken in one breath as float32 at 16 kHz (leading and trailing silence trimmed),
+    with where the word at character `word_start` of it lies: (samples, start_s, end_s). The
+    word ends where the next word begins, less any quiet before it, or where the speech ends."""
+    library = _espeak_library()
+    pcm, words, end = library.speak(text, speaker.name, rate_wpm, pitch, amplitude)
+    starts = [sample for position, sample in words if position - 1 == word_start]
+    if not starts or len(pcm) == 0:
+        raise SynthesisError(f"espeak-ng reported no word at character {word_start} of {text!r}")
+    later = [sample for position, sample in words if position - 1 > word_start]
+    samples = pcm.astype(np.float32) / 32768.0
+    ratio = Fraction(SAMPLE_RATE_HZ, library.rate_hz)
+    samples = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
+    scale = SAMPLE_RATE_HZ / library.rate_hz
+    start, stop = int(starts[0] * scale), int((min(later) if later else end) * scale)
+    return timed_trim(samples, start, stop)
+
+
+def timed_trim(samples: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, float, float]:
+    """Leading and trailing silence trimmed from `samples`, and the word [start, stop) in seconds
+    within what is left, its own trailing quiet (a pause before the next word) cut off."""
+    loud = np.flatnonzero(np.abs(samples) > 0.01)
+    if not loud.size:
+        raise SynthesisError("the synthesiser produced silence")
+    first, last = int(loud[0]), int(loud[-1]) + 1
+    stop = min(stop, last)
+    inside = loud[(loud >= start) & (loud < stop)]
+    if inside.size:
+        stop = int(inside[-1]) + 1
+    start = max(start, first)
+    if stop <= start:
+        raise SynthesisError("the timed word has no sound")
+    return samples[first:last], (start - first) / SAMPLE_RATE_HZ, (stop - first) / SAMPLE_RATE_HZ
 
 
 def coloured_noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:

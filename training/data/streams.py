@@ -7,8 +7,13 @@ is speech with no keyword in it. Two engines speak: espeak-ng (voices x variants
 speaker as the clip data set is) and Festival (the diphone voices kal and ked for training; the
 HTS voice cmu_us_slt_arctic_hts is never trained on: it is the held-out engine family).
 
+Keywords are said on their own (commands) and inside sentences (`keyword_sentence`: a carrier
+phrase such as "turn the lights on", or a prose sentence with the keyword put into it), spoken
+in one breath with no pause around the keyword. The synthesisers say where the keyword lies:
+espeak-ng's word events (through libespeak-ng) and Festival's segment times.
+
 `compose` joins bank utterances into one long recording: keywords said as commands between short
-pauses, keywords inside running speech, prose, near misses, silence and noise gaps; then gain
+pauses, keyword sentences, prose, near misses, silence and noise gaps; then gain
 changes, coloured noise, babble (several other voices at once) and reverberation. Because we put
 every keyword there, we know where it lies: `frame_targets` labels the frames from a keyword's
 end to 300 ms after it with the keyword, speech frames `_unknown_`, the rest `_silence_`.
@@ -44,6 +49,8 @@ from training.data.speech import (
     speakers,
     split_of,
     synthesize,
+    synthesize_timed,
+    timed_trim,
 )
 
 FESTIVAL_TRAINING_VOICES = ("kal_diphone", "ked_diphone")
@@ -67,6 +74,21 @@ NEAR_MISSES = [
 _KEYWORD_WORDS = re.compile(
     r"\b(" + "|".join([*KEYWORDS, *(word for words in HOMOPHONES.values() for word in words)]) + r")\b", re.IGNORECASE
 )
+# Keywords as people say them to a device, inside a phrase: each holds one keyword ({}) and no
+# other keyword or homophone (a test checks). Keywords are also put into prose sentences.
+CARRIER_PHRASES = {
+    "yes": ["yes please", "I said yes", "yes that is the one", "oh yes I think so", "yes we can do that"],
+    "no": ["no not that one", "I said no", "no thanks", "oh no", "no I do not want it"],
+    "up": ["turn it up", "scroll up a bit", "please pick it up", "look up there", "move the list up please"],
+    "down": ["turn it down", "sit down please", "slow down a little", "scroll down", "put it down now"],
+    "left": ["turn left here", "look to the left", "move it left a bit", "the left one please", "keep left"],
+    "right": ["turn right here", "that is right", "the right one please", "move it right a bit", "keep right"],
+    "on": ["turn the lights on", "switch it on please", "put the kettle on", "turn the radio on now", "keep it on"],
+    "off": ["turn the lights off", "switch it off please", "take the day off", "turn the radio off now",
+            "put that off"],
+    "stop": ["please stop the music", "stop it now", "can you stop here", "stop playing", "I want it to stop"],
+    "go": ["let us go now", "ready steady go", "go ahead please", "here we go", "we can go later"],
+}
 _URLS_AND_TAGS = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\bRT\b")
 _NOT_SPEAKABLE = re.compile(r"[^A-Za-z0-9',.;:?! -]+")
 _SPACES = re.compile(r"\s+")
@@ -145,6 +167,17 @@ def festival_synthesize(voice: str, items: list[tuple[str, float]]) -> list[np.n
     """(text, duration stretch) pairs spoken by a Festival voice in one Festival process, as
     float32 at 16 kHz, leading and trailing silence trimmed. (The diphone voices honour the
     stretch; the HTS voice keeps its own rate.)"""
+    return [samples for samples, _ in _festival_run(voice, items, [None] * len(items))]
+
+
+def festival_synthesize_timed(voice: str, items: list[tuple[str, float, str]]) -> list[tuple[np.ndarray, float, float]]:
+    """(text, duration stretch, word) triples, as festival_synthesize, each with where its `word`
+    (said once in the text) lies: (samples, start_s, end_s), from Festival's own segment times."""
+    spoken = _festival_run(voice, [(text, stretch) for text, stretch, _ in items], [word for *_, word in items])
+    return [(samples, *span) for samples, span in spoken]
+
+
+def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | None]):
     if not festival_available():
         raise StreamDataError("Festival is not installed (Debian: apt-get install festival festvox-kallpc16k "
                               "festvox-kdlpc16k festvox-us-slt-hts)")
@@ -152,8 +185,16 @@ def festival_synthesize(voice: str, items: list[tuple[str, float]]) -> list[np.n
         lines = [f"(voice_{voice})"]
         for index, (text, stretch) in enumerate(items):
             lines.append(f"(Parameter.set 'Duration_Stretch {stretch:.3f})")
-            lines.append(f'(utt.save.wave (utt.synth (Utterance Text {_scheme_string(text)})) '
-                         f'"{folder}/{index}.wav" \'riff)')
+            lines.append(f"(set! utt (utt.synth (Utterance Text {_scheme_string(text)})))")
+            lines.append(f'(utt.save.wave utt "{folder}/{index}.wav" \'riff)')
+            if words[index] is not None:
+                # Each word's first segment start and last segment end, in seconds.
+                lines.append(f'(set! fd (fopen "{folder}/{index}.words" "w"))')
+                lines.append('(mapcar (lambda (w) (format fd "%s %f %f\\n" (item.name w) '
+                             '(item.feat w "R:SylStructure.daughter1.daughter1.segment_start") '
+                             '(item.feat w "R:SylStructure.daughtern.daughtern.segment_end"))) '
+                             "(utt.relation.items utt 'Word))")
+                lines.append("(fclose fd)")
         script = Path(folder) / "speak.scm"
         script.write_text("\n".join(lines) + "\n")
         result = subprocess.run(["festival", "-b", str(script)], capture_output=True, timeout=3600, check=False)
@@ -166,8 +207,39 @@ def festival_synthesize(voice: str, items: list[tuple[str, float]]) -> list[np.n
             samples, rate = soundfile.read(path, dtype="float32")
             if rate != SAMPLE_RATE_HZ:
                 samples = soxr.resample(samples, rate, SAMPLE_RATE_HZ).astype(np.float32)
-            outputs.append(_trim(samples))
+            if words[index] is None:
+                outputs.append((_trim(samples), None))
+                continue
+            times = [line.split() for line in (Path(folder) / f"{index}.words").read_text().splitlines()]
+            found = [(float(t[1]), float(t[2])) for t in times if len(t) == 3 and t[0].lower() == words[index]]
+            if len(found) != 1:
+                raise StreamDataError(f"Festival ({voice}) said {words[index]!r} {len(found)} times in "
+                                      f"{items[index][0]!r}")
+            try:
+                trimmed, start, end = timed_trim(samples, round(found[0][0] * SAMPLE_RATE_HZ),
+                                                  round(found[0][1] * SAMPLE_RATE_HZ))
+            except SynthesisError as error:
+                raise StreamDataError(f"Festival ({voice}) on {items[index][0]!r}: {error}") from None
+            outputs.append((trimmed, (start, end)))
         return outputs
+
+
+def keyword_sentence(keyword: str, sentences: list[str], rng: np.random.Generator) -> tuple[str, int]:
+    """A text that says `keyword` once inside running speech, and the character where it begins:
+    one time in three a carrier phrase ("turn the lights on"), otherwise 4-14 words of a prose
+    sentence (which holds no keyword) with the keyword put between two of them, or first or last."""
+    if not sentences or rng.random() < 1 / 3:
+        phrase = str(rng.choice(CARRIER_PHRASES[keyword]))
+        words = phrase.split()
+        at = words.index(keyword)
+    else:
+        words = str(rng.choice(sentences)).split()
+        length = int(rng.integers(4, 15))
+        first = int(rng.integers(0, max(1, len(words) - length + 1)))
+        words = words[first : first + length]
+        at = int(rng.integers(0, len(words) + 1))
+        words = [*words[:at], keyword, *words[at:]]
+    return " ".join(words), sum(len(word) + 1 for word in words[:at])
 
 
 def _trim(samples: np.ndarray) -> np.ndarray:
@@ -186,21 +258,25 @@ class BankPlan:
     festival_near_miss_words: int = 0
     festival_prose_seconds: float = 0.0
     speaker_limit: int = 0  # 0: every speaker of the split
+    sentences: int = 0  # per speaker: keywords said inside a sentence (keyword_sentence), keywords in turn
+    festival_sentences: int = 0  # per Festival voice of this split
 
 
 @dataclass(frozen=True)
 class StreamDataConfig:
     plans: dict = field(default_factory=lambda: {
         "train": BankPlan(1, 5, 22.0, festival_keyword_takes=12, festival_near_miss_words=40,
-                          festival_prose_seconds=600.0),
+                          festival_prose_seconds=600.0, sentences=4, festival_sentences=80),
         # Held-out prose of the training speakers: where hard negatives are mined.
         "mining": BankPlan(0, 0, 8.0),
         # Prose enough (about 5 h) that the <= 2 false alarms/h operating point, keyword thresholds
         # and all, rests on ten alarms rather than two.
-        "validation": BankPlan(3, 0, 250.0),
+        # Each keyword said twice as a command and once inside a sentence by each speaker.
+        "validation": BankPlan(2, 0, 250.0, sentences=10),
         # At least 5 hours of continuous speech by test speakers and 1 hour by the held-out voice.
-        "test": BankPlan(3, 0, 170.0),
-        HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=40, festival_prose_seconds=4300.0),
+        "test": BankPlan(2, 0, 170.0, sentences=10),
+        HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=27, festival_prose_seconds=4300.0,
+                           festival_sentences=130),
     })
     rate_wpm: tuple[int, int] = (130, 210)
     pitch: tuple[int, int] = (25, 75)
@@ -210,24 +286,26 @@ class StreamDataConfig:
 
 QUICK_STREAM_DATA = StreamDataConfig(plans={
     "train": BankPlan(1, 2, 8.0, festival_keyword_takes=1, festival_near_miss_words=2,
-                      festival_prose_seconds=8.0, speaker_limit=8),
+                      festival_prose_seconds=8.0, speaker_limit=8, sentences=2, festival_sentences=2),
     "mining": BankPlan(0, 0, 6.0, speaker_limit=4),
-    "validation": BankPlan(1, 0, 12.0, speaker_limit=3),
-    "test": BankPlan(1, 0, 12.0, speaker_limit=3),
-    HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=1, festival_prose_seconds=10.0),
+    "validation": BankPlan(1, 0, 12.0, speaker_limit=3, sentences=3),
+    "test": BankPlan(1, 0, 12.0, speaker_limit=3, sentences=3),
+    HELD_OUT: BankPlan(0, 0, 0.0, festival_keyword_takes=1, festival_prose_seconds=10.0, festival_sentences=3),
 })
 
 
 @dataclass
 class Bank:
-    """Clean utterances of one split, each with its kind ("keyword", "near_miss", "prose"), its
-    label (the keyword, or _unknown_) and its voice."""
+    """Clean utterances of one split, each with its kind ("keyword", "sentence", "near_miss",
+    "prose"), its label (the keyword, or _unknown_) and its voice. A "sentence" says its keyword
+    inside running speech; its span says where (seconds from the utterance's start)."""
 
     samples: np.ndarray  # float32, every utterance end to end
     offsets: np.ndarray  # int64 [n + 1]
     kinds: list[str]
     labels: list[str]
     voices: list[str]
+    spans: np.ndarray  # float64 [n, 2]: the keyword's start and end in a sentence, NaN elsewhere
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -242,9 +320,16 @@ class Bank:
         lengths = np.diff(self.offsets)
         return float(sum(lengths[i] for i in self.of_kind(kind)) / SAMPLE_RATE_HZ)
 
+    def keyword_span(self, index: int) -> tuple[float, float]:
+        """Where utterance `index` says its keyword: the whole of a "keyword", the span of a "sentence"."""
+        if self.kinds[index] == "sentence":
+            return float(self.spans[index, 0]), float(self.spans[index, 1])
+        return 0.0, float(self.offsets[index + 1] - self.offsets[index]) / SAMPLE_RATE_HZ
+
     def save(self, folder: Path) -> None:
         np.save(folder / "samples.npy", (np.clip(self.samples, -1, 1) * 32767).astype(np.int16))
         np.save(folder / "offsets.npy", self.offsets)
+        np.save(folder / "spans.npy", self.spans)
         (folder / "utterances.json").write_text(json.dumps(
             {"kinds": self.kinds, "labels": self.labels, "voices": self.voices}))
 
@@ -252,14 +337,18 @@ class Bank:
     def load(cls, folder: Path) -> Bank:
         meta = json.loads((folder / "utterances.json").read_text())
         samples = np.load(folder / "samples.npy").astype(np.float32) / 32767.0
-        return cls(samples, np.load(folder / "offsets.npy"), meta["kinds"], meta["labels"], meta["voices"])
+        return cls(samples, np.load(folder / "offsets.npy"), meta["kinds"], meta["labels"], meta["voices"],
+                   np.load(folder / "spans.npy"))
 
     @classmethod
-    def join(cls, parts: list[tuple[str, str, str, np.ndarray]]) -> Bank:
+    def join(cls, parts: list[tuple]) -> Bank:
+        """A bank of (kind, label, voice, samples) parts; a "sentence" adds its keyword's (start_s, end_s)."""
         lengths = np.array([len(p[3]) for p in parts], np.int64)
         samples = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.float32)
+        spans = np.array([p[4] if len(p) > 4 and p[4] is not None else (np.nan, np.nan) for p in parts],
+                         np.float64).reshape(-1, 2)
         return cls(samples.astype(np.float32), np.concatenate([[0], np.cumsum(lengths)]),
-                   [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+                   [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], spans)
 
 
 def _prose_texts(sentences: list[str], seconds: float, rng: np.random.Generator) -> list[str]:
@@ -275,14 +364,25 @@ def _prose_texts(sentences: list[str], seconds: float, rng: np.random.Generator)
     return texts
 
 
-def _espeak_job(job) -> list[tuple[str, str, str, np.ndarray]]:
+def _keyword_turns(count: int, rng: np.random.Generator) -> list[str]:
+    """`count` keywords, every keyword in turn (in shuffled rounds), so that each is said as often."""
+    turns: list[str] = []
+    while len(turns) < count:
+        turns.extend(str(k) for k in rng.permutation(KEYWORDS))
+    return turns[:count]
+
+
+def _espeak_job(job) -> list[tuple]:
     speaker, plan, sentences, config, seed = job
     rng = np.random.default_rng(seed)
     out = []
 
+    def prosody() -> tuple[int, int, int]:
+        return (int(rng.integers(*config.rate_wpm, endpoint=True)), int(rng.integers(*config.pitch, endpoint=True)),
+                int(rng.integers(70, 130)))
+
     def say(text: str) -> np.ndarray:
-        return synthesize(text, speaker, int(rng.integers(*config.rate_wpm, endpoint=True)),
-                          int(rng.integers(*config.pitch, endpoint=True)), int(rng.integers(70, 130)))
+        return synthesize(text, speaker, *prosody())
 
     for keyword in KEYWORDS:
         for _ in range(plan.keyword_takes):
@@ -291,10 +391,14 @@ def _espeak_job(job) -> list[tuple[str, str, str, np.ndarray]]:
         out.append(("near_miss", UNKNOWN, speaker.name, say(str(word))))
     for text in _prose_texts(sentences, plan.prose_seconds, rng):
         out.append(("prose", UNKNOWN, speaker.name, say(text)))
+    for keyword in _keyword_turns(plan.sentences, rng):
+        text, at = keyword_sentence(keyword, sentences, rng)
+        samples, start, end = synthesize_timed(text, at, speaker, *prosody())
+        out.append(("sentence", keyword, speaker.name, samples, (start, end)))
     return out
 
 
-def _festival_job(job) -> list[tuple[str, str, str, np.ndarray]]:
+def _festival_job(job) -> list[tuple]:
     voice, plan, sentences, config, seed = job
     rng = np.random.default_rng(seed)
     items, meta = [], []
@@ -310,8 +414,16 @@ def _festival_job(job) -> list[tuple[str, str, str, np.ndarray]]:
         items.append((text, float(rng.uniform(0.9, 1.15))))
         meta.append(("prose", UNKNOWN))
     name = f"festival:{voice}"
-    return [(kind, label, name, samples)
-            for (kind, label), samples in zip(meta, festival_synthesize(voice, items), strict=True)]
+    out = [(kind, label, name, samples)
+           for (kind, label), samples in zip(meta, festival_synthesize(voice, items), strict=True)]
+    timed = []
+    for keyword in _keyword_turns(plan.festival_sentences, rng):
+        text, _ = keyword_sentence(keyword, sentences, rng)
+        timed.append((text, float(rng.uniform(*config.festival_stretch)), keyword))
+    if timed:
+        out.extend(("sentence", item[2], name, samples, (start, end))
+                   for item, (samples, start, end) in zip(timed, festival_synthesize_timed(voice, timed), strict=True))
+    return out
 
 
 def _run_job(job):
@@ -326,7 +438,7 @@ def bank_voices(split: str, plan: BankPlan) -> tuple[list[Speaker], list[str]]:
         chosen = sorted(chosen, key=lambda s: hashlib.sha256(f"bank:{s.name}".encode()).hexdigest())
         chosen = sorted(chosen[: plan.speaker_limit])
     festival = []
-    if plan.festival_keyword_takes or plan.festival_prose_seconds:
+    if plan.festival_keyword_takes or plan.festival_prose_seconds or plan.festival_sentences:
         festival = list(FESTIVAL_TRAINING_VOICES) if split == "train" else [FESTIVAL_HELD_OUT_VOICE]
     return chosen, festival
 
@@ -352,7 +464,7 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
         description = {"split": split, "plan": asdict(plan), "seed": config.seed, "espeak": espeak_version(),
                        "prosody": [config.rate_wpm, config.pitch, config.festival_stretch],
                        "near_misses": NEAR_MISSES, "homophones": HOMOPHONES, "words_per_second": WORDS_PER_SECOND,
-                       "version": 2}
+                       "carrier_phrases": CARRIER_PHRASES, "version": 3}
         digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
         root = cache_dir / digest
         folder = root / split
@@ -373,7 +485,8 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
                 share = BankPlan(0, 0, plan.festival_prose_seconds / pieces,
                                  festival_keyword_takes=plan.festival_keyword_takes if piece == 0 else 0,
                                  festival_near_miss_words=plan.festival_near_miss_words if piece == 0 else 0,
-                                 festival_prose_seconds=plan.festival_prose_seconds / pieces)
+                                 festival_prose_seconds=plan.festival_prose_seconds / pieces,
+                                 festival_sentences=plan.festival_sentences if piece == min(1, pieces - 1) else 0)
                 salt = int(hashlib.sha256(f"{split}:{voice}".encode()).hexdigest()[:8], 16)
                 jobs.append(("festival", voice, share, sentences[text_split], config, [config.seed, piece, salt]))
         # Festival jobs are the longest: start them first.
@@ -408,6 +521,8 @@ class Recording:
     keywords: list[tuple[str, float, float]]
     # (start_s, end_s) of every stretch of foreground speech (keywords included)
     speech: list[tuple[float, float]]
+    # for each keyword: whether it was said inside a sentence (else as a command); may be left empty
+    in_sentence: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -415,13 +530,12 @@ class Mix:
     """What a composed recording holds: segment kinds and their odds, and the conditions."""
 
     command: float = 0.3  # a keyword said on its own, short pauses around it
-    in_speech: float = 0.15  # a keyword inside running speech
+    in_speech: float = 0.15  # a keyword inside a sentence, said in one breath with it
     prose: float = 0.4
     near_miss: float = 0.1
     gap: float = 0.05  # silence or noise, 1-3 s
     hard_negative: float = 0.0  # a stretch the model fired on before (hard-negative mining)
     pause_s: tuple[float, float] = (0.25, 1.0)
-    word_gap_s: tuple[float, float] = (0.02, 0.15)
     gain_db: tuple[float, float] = (-15.0, 4.0)  # per segment
     noise_probability: float = 0.7
     snr_db: tuple[float, float] = (5.0, 30.0)
@@ -440,16 +554,6 @@ def _pause(rng: np.random.Generator, seconds: tuple[float, float]) -> np.ndarray
     return np.zeros(int(rng.uniform(*seconds) * SAMPLE_RATE_HZ), np.float32)
 
 
-def _split_at_pause(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Cut prose at a quiet 20 ms stretch (a word boundary) near a random point."""
-    frame = 320
-    energy = np.sqrt(np.mean(speech[: len(speech) // frame * frame].reshape(-1, frame) ** 2, axis=1))
-    quiet = np.flatnonzero(energy < 0.02)
-    quiet = quiet[(quiet > len(energy) * 0.15) & (quiet < len(energy) * 0.85)]
-    cut = int(rng.choice(quiet)) * frame if quiet.size else len(speech) // 2
-    return speech[:cut], speech[cut:]
-
-
 def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix(),
             voices: list[str] | None = None, hard_negatives: list[np.ndarray] | None = None) -> Recording:
     """One recording of about `seconds`, spoken by 1-3 of the bank's voices (or `voices`)."""
@@ -457,31 +561,26 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
     if voices is None:
         voices = list(rng.choice(all_voices, size=min(len(all_voices), int(rng.integers(1, 4))), replace=False))
     by_kind = {kind: [i for i in bank.of_kind(kind) if bank.voices[i] in voices]
-               for kind in ("keyword", "near_miss", "prose")}
+               for kind in ("keyword", "sentence", "near_miss", "prose")}
     kinds = ["command", "in_speech", "prose", "near_miss", "gap", "hard_negative"]
     odds = np.array([mix.command, mix.in_speech, mix.prose, mix.near_miss, mix.gap,
                      mix.hard_negative if hard_negatives else 0.0])
     if not by_kind["keyword"]:
-        odds[:2] = 0
+        odds[0] = 0
+    if not by_kind["sentence"]:
+        odds[1] = 0
     if not by_kind["prose"]:
-        odds[1:3] = 0
+        odds[2] = 0
     if not by_kind["near_miss"]:
         odds[3] = 0
     odds = odds / odds.sum()
     built = _Builder(rng, mix)
     built.pause(mix.pause_s)
 
-    def keyword() -> tuple[np.ndarray, str]:
-        index = int(rng.choice(by_kind["keyword"]))
-        return bank.utterance(index), bank.labels[index]
-
     while built.position < seconds * SAMPLE_RATE_HZ:
         kind = kinds[int(rng.choice(len(kinds), p=odds))]
-        if kind == "command":
-            built.put(*keyword())
-            built.pause(mix.pause_s)
-        elif kind == "in_speech":
-            built.keyword_in_speech(*keyword(), bank.utterance(int(rng.choice(by_kind["prose"]))))
+        if kind in ("command", "in_speech"):
+            built.say_keyword(bank, int(rng.choice(by_kind["keyword" if kind == "command" else "sentence"])))
             built.pause(mix.pause_s)
         elif kind == "prose":
             built.put(bank.utterance(int(rng.choice(by_kind["prose"]))))
@@ -496,7 +595,7 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
         else:
             built.pause((1.0, 3.0))
     samples = _conditions(built.samples(), bank, voices, rng, mix)
-    return Recording(samples, built.keywords, built.speech)
+    return Recording(samples, built.keywords, built.speech, built.in_sentence)
 
 
 def _noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:
@@ -567,8 +666,8 @@ def negative_recording(bank: Bank, utterances: list[int], rng: np.random.Generat
 
 def evaluation_recordings(bank: Bank, seed: int, keyword_seconds: float = 60.0) -> dict[str, list[Recording]]:
     """A split's judged recordings: "negative", every prose utterance once (continuous speech
-    by each voice, no keyword); "keywords", every keyword take once, said as a command or inside
-    running speech, per voice."""
+    by each voice, no keyword); "keywords", every keyword take once (a command, or a sentence
+    that says it inside running speech), per voice."""
     rng = np.random.default_rng(seed)
     negative, with_keywords = [], []
     for voice in sorted(set(bank.voices)):
@@ -576,7 +675,7 @@ def evaluation_recordings(bank: Bank, seed: int, keyword_seconds: float = 60.0) 
         for part in np.array_split(np.array(prose, np.int64), max(1, len(prose) // 8)):
             if len(part):
                 negative.append(negative_recording(bank, list(part), rng, EVALUATION_MIX))
-        takes = [i for i in bank.of_kind("keyword") if bank.voices[i] == voice]
+        takes = [i for i in (*bank.of_kind("keyword"), *bank.of_kind("sentence")) if bank.voices[i] == voice]
         if takes:
             with_keywords.extend(_keyword_recordings(bank, voice, takes, prose, rng, keyword_seconds))
     return {"negative": negative, "keywords": with_keywords}
@@ -589,30 +688,29 @@ class _Builder:
         self.rng, self.mix = rng, mix
         self.pieces: list[np.ndarray] = []
         self.keywords: list[tuple[str, float, float]] = []
+        self.in_sentence: list[bool] = []
         self.speech: list[tuple[float, float]] = []
         self.position = 0
 
-    def put(self, samples: np.ndarray, label: str | None = None, spoken: bool = True) -> None:
+    def put(self, samples: np.ndarray, spoken: bool = True) -> None:
         if spoken:
             samples = samples * np.float32(10 ** (self.rng.uniform(*self.mix.gain_db) / 20))
         start, end = self.position / SAMPLE_RATE_HZ, (self.position + len(samples)) / SAMPLE_RATE_HZ
         if spoken and len(samples):
             self.speech.append((start, end))
-        if label is not None:
-            self.keywords.append((label, start, end))
         self.pieces.append(samples.astype(np.float32))
         self.position += len(samples)
 
+    def say_keyword(self, bank: Bank, index: int) -> None:
+        """A "keyword" or "sentence" utterance of the bank, its keyword where the bank says it lies."""
+        at = self.position / SAMPLE_RATE_HZ
+        start, end = bank.keyword_span(index)
+        self.put(bank.utterance(index))
+        self.keywords.append((bank.labels[index], at + start, at + end))
+        self.in_sentence.append(bank.kinds[index] == "sentence")
+
     def pause(self, seconds: tuple[float, float]) -> None:
         self.put(_pause(self.rng, seconds), spoken=False)
-
-    def keyword_in_speech(self, keyword: np.ndarray, label: str, prose: np.ndarray) -> None:
-        before, after = _split_at_pause(prose, self.rng)
-        self.put(before)
-        self.pause(self.mix.word_gap_s)
-        self.put(keyword, label)
-        self.pause(self.mix.word_gap_s)
-        self.put(after)
 
     def samples(self) -> np.ndarray:
         return np.concatenate(self.pieces).astype(np.float32) if self.pieces else np.zeros(0, np.float32)
@@ -620,8 +718,8 @@ class _Builder:
 
 def _keyword_recordings(bank: Bank, voice: str, takes: list[int], prose: list[int], rng: np.random.Generator,
                         seconds: float) -> list[Recording]:
-    """Each keyword take exactly once: as a command between pauses, or (one in three) inside a
-    prose utterance of the same voice; now and then a prose utterance between keywords."""
+    """Each keyword take exactly once, a command between pauses or a sentence that says it
+    inside running speech; now and then a prose utterance of the same voice between them."""
     recordings = []
     order = list(rng.permutation(takes))
     mix = EVALUATION_MIX
@@ -629,18 +727,13 @@ def _keyword_recordings(bank: Bank, voice: str, takes: list[int], prose: list[in
         built = _Builder(rng, mix)
         built.pause(mix.pause_s)
         while order and built.position < seconds * SAMPLE_RATE_HZ:
-            index = int(order.pop())
-            if prose and rng.random() < 1 / 3:
-                built.keyword_in_speech(bank.utterance(index), bank.labels[index],
-                                        bank.utterance(int(rng.choice(prose))))
-            else:
-                built.put(bank.utterance(index), bank.labels[index])
+            built.say_keyword(bank, int(order.pop()))
             built.pause(mix.pause_s)
             if prose and rng.random() < 0.3:
                 built.put(bank.utterance(int(rng.choice(prose))))
                 built.pause(mix.pause_s)
         samples = _conditions(built.samples(), bank, [voice], rng, mix)
-        recordings.append(Recording(samples, built.keywords, built.speech))
+        recordings.append(Recording(samples, built.keywords, built.speech, built.in_sentence))
     return recordings
 
 
