@@ -10,6 +10,7 @@ naming the message type and the decoder's complaint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -192,12 +193,21 @@ async def _checked_stream(requests: AsyncIterator, context: grpc.aio.ServicerCon
         yield await _checked(request, context)
 
 
-async def _end_if_shut_down(drain: Drain, task: asyncio.Task, context: grpc.aio.ServicerContext) -> None:
-    """A stream the drain cancelled at the end of the grace period answers UNAVAILABLE; any other
-    cancellation (the client's, or its deadline) goes on as one."""
-    if drain.ended_by_shutdown(task):
-        task.uncancel()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, Drain.STREAM_ENDED)
+@contextlib.asynccontextmanager
+async def _open_stream(drain: Drain, context: grpc.aio.ServicerContext):
+    """A streaming call, counted by the drain while it runs. Cancelled by the drain at the end of
+    the grace period it answers UNAVAILABLE; any other cancellation (the client's, or its
+    deadline) goes on as one."""
+    task = drain.open_stream()
+    try:
+        yield
+    except asyncio.CancelledError:
+        if drain.ended_by_shutdown(task):
+            task.uncancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, Drain.STREAM_ENDED)
+        raise
+    finally:
+        drain.close_stream(task)
 
 
 def _handler(method, implementation, drain: Drain):
@@ -213,43 +223,25 @@ def _handler(method, implementation, drain: Drain):
         if method.server_streaming:
             async def stream_in_stream_out(requests, context):
                 await drain.refuse_if_closing(context)
-                task = drain.open_stream()
-                try:
+                async with _open_stream(drain, context):
                     async for response in implementation(_checked_stream(requests, context), context):
                         yield response
-                except asyncio.CancelledError:
-                    await _end_if_shut_down(drain, task, context)
-                    raise
-                finally:
-                    drain.close_stream(task)
 
             return grpc.stream_stream_rpc_method_handler(stream_in_stream_out, **codec)
 
         async def stream_in(requests, context):
             await drain.refuse_if_closing(context)
-            task = drain.open_stream()
-            try:
+            async with _open_stream(drain, context):
                 return await implementation(_checked_stream(requests, context), context)
-            except asyncio.CancelledError:
-                await _end_if_shut_down(drain, task, context)
-                raise
-            finally:
-                drain.close_stream(task)
 
         return grpc.stream_unary_rpc_method_handler(stream_in, **codec)
     if method.server_streaming:
         async def unary_in_stream_out(request, context):
             await drain.refuse_if_closing(context)
-            task = drain.open_stream()
-            try:
+            async with _open_stream(drain, context):
                 request = await _checked(request, context)
                 async for response in implementation(request, context):
                     yield response
-            except asyncio.CancelledError:
-                await _end_if_shut_down(drain, task, context)
-                raise
-            finally:
-                drain.close_stream(task)
 
         return grpc.unary_stream_rpc_method_handler(unary_in_stream_out, **codec)
 
