@@ -175,10 +175,13 @@ def synthesize_timed(text: str, word_start: int, speaker: Speaker, rate_wpm: int
     word ends where the next word begins, less any quiet before it, or where the speech ends."""
     library = _espeak_library()
     pcm, words, end = library.speak(text, speaker.name, rate_wpm, pitch, amplitude)
-    starts = [sample for position, sample in words if position - 1 == word_start]
-    if not starts or len(pcm) == 0:
+    # Word events count characters from 1; after a sentence break ("board. yes") espeak-ng 1.51
+    # reports one less, so the word is the event nearest to where it begins.
+    nearest = min(words, key=lambda word: abs(word[0] - 1 - word_start), default=None)
+    if nearest is None or abs(nearest[0] - 1 - word_start) > 2 or len(pcm) == 0:
         raise SynthesisError(f"espeak-ng reported no word at character {word_start} of {text!r}")
-    later = [sample for position, sample in words if position - 1 > word_start]
+    starts = [nearest[1]]
+    later = [sample for position, sample in words if position > nearest[0]]
     samples = pcm.astype(np.float32) / 32768.0
     ratio = Fraction(SAMPLE_RATE_HZ, library.rate_hz)
     samples = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
