@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("file", nargs="?", type=Path, help="WAV, FLAC or OGG file (any rate; mixed to mono)")
     parser.add_argument("--say", help="make the file with espeak-ng from these words first")
     parser.add_argument("--out", type=Path, default=Path("said.wav"), help="where --say writes (default said.wav)")
+    parser.add_argument("--word-gap-ms", type=int, default=0,
+                        help="--say: silence between words (espeak-ng -g; default 0, plain speech)")
     parser.add_argument("--server", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
     parser.add_argument("--model", default="keywords")
     parser.add_argument("--version", default="", help="model version (default: the newest)")
@@ -84,7 +86,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.say:
         # Pauses between words: espeak-ng reads "..." as a break.
-        wav = subprocess.run(["espeak-ng", "-g", "40", "--stdout", args.say], capture_output=True, check=True).stdout
+        gap = ["-g", str(args.word_gap_ms // 10)] if args.word_gap_ms else []
+        wav = subprocess.run(["espeak-ng", *gap, "--stdout", args.say], capture_output=True, check=True).stdout
         args.out.write_bytes(wav)
         args.file = args.out
     if args.file is None:

@@ -103,6 +103,9 @@ def _evaluate_stream(args: argparse.Namespace) -> int:
                   f"{measured['false_alarms_per_hour']:.2f} false alarms/h over {measured['speech_hours']:.2f} h "
                   f"of continuous speech")
             print("    per keyword: " + ", ".join(f"{k} {v:.2f}" for k, v in measured["recall_per_keyword"].items()))
+            delivery = measured.get("recall_by_delivery", {})
+            if delivery:
+                print("    said as: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in delivery.items()))
     if args.write_card:
         print(f"wrote {args.version_dir / 'model.json'} and {args.version_dir / 'det.png'}")
     return 0
