@@ -74,7 +74,7 @@ NEAR_MISSES = [
 _KEYWORD_WORDS = re.compile(
     r"\b(" + "|".join([*KEYWORDS, *(word for words in HOMOPHONES.values() for word in words)]) + r")\b", re.IGNORECASE
 )
-# Keywords as people say them to a device, inside a phrase: each holds one keyword ({}) and no
+# Keywords as people say them to a device, inside a phrase: each holds exactly one keyword and no
 # other keyword or homophone (a test checks). Keywords are also put into prose sentences.
 CARRIER_PHRASES = {
     "yes": ["yes please", "I said yes", "yes that is the one", "oh yes I think so", "yes we can do that"],
