@@ -273,11 +273,13 @@ def choose(results: list[tuple[DetectorConfig, dict]], budget: float = TARGET_FA
 
 def det_curve(negative, keyword_recordings, negative_posteriors, keyword_posteriors, labels, hop_ms, window_ms,
               config: DetectorConfig) -> list[dict]:
-    """Recall against false alarms per hour as one threshold shared by every keyword moves (the
-    config's smoothing and decision window; keyword thresholds of its own dropped)."""
+    """Recall (overall, and for commands and keywords in sentences apart) against false alarms
+    per hour as one threshold shared by every keyword moves (the config's smoothing and decision
+    window; keyword thresholds of its own dropped)."""
     settings = [replace(config, threshold=threshold, keyword_thresholds=())
                 for threshold in sorted({*THRESHOLDS, 0.2, 0.9999})]
     return [{"threshold": setting.threshold, "recall": point["recall"],
+             "recall_by_delivery": point["recall_by_delivery"],
              "false_alarms_per_hour": point["false_alarms_per_hour"]}
             for setting, point in judged_grid(negative, keyword_recordings, negative_posteriors, keyword_posteriors,
                                               labels, hop_ms, window_ms, settings)]
