@@ -97,8 +97,16 @@ def synthesize(word: str, speaker: Speaker, rate_wpm: int = 160, pitch: int = 50
         raise SynthesisError(f"espeak-ng failed for {word!r} with {speaker.name}: {result.stderr.decode()[:200]}")
     # espeak-ng writes a streaming WAV header (its sizes are placeholders): the PCM starts at byte 44.
     pcm = np.frombuffer(result.stdout[44 : 44 + (len(result.stdout) - 44) // 2 * 2], dtype="<i2")
-    ratio = Fraction(SAMPLE_RATE_HZ, ESPEAK_RATE_HZ)
-    samples = resample_poly(pcm.astype(np.float32) / 32768.0, ratio.numerator, ratio.denominator)
+    return trim_silence(_pcm_at_16khz(pcm, ESPEAK_RATE_HZ))
+
+
+def _pcm_at_16khz(pcm: np.ndarray, rate_hz: int) -> np.ndarray:
+    ratio = Fraction(SAMPLE_RATE_HZ, rate_hz)
+    return resample_poly(pcm.astype(np.float32) / 32768.0, ratio.numerator, ratio.denominator)
+
+
+def trim_silence(samples: np.ndarray) -> np.ndarray:
+    """float32 samples with leading and trailing silence (below 0.01) trimmed."""
     loud = np.flatnonzero(np.abs(samples) > 0.01)
     return samples[loud[0] : loud[-1] + 1].astype(np.float32) if loud.size else samples.astype(np.float32)
 
@@ -180,14 +188,10 @@ def synthesize_timed(text: str, word_start: int, speaker: Speaker, rate_wpm: int
     nearest = min(words, key=lambda word: abs(word[0] - 1 - word_start), default=None)
     if nearest is None or abs(nearest[0] - 1 - word_start) > 2 or len(pcm) == 0:
         raise SynthesisError(f"espeak-ng reported no word at character {word_start} of {text!r}")
-    starts = [nearest[1]]
     later = [sample for position, sample in words if position > nearest[0]]
-    samples = pcm.astype(np.float32) / 32768.0
-    ratio = Fraction(SAMPLE_RATE_HZ, library.rate_hz)
-    samples = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
     scale = SAMPLE_RATE_HZ / library.rate_hz
-    start, stop = int(starts[0] * scale), int((min(later) if later else end) * scale)
-    return timed_trim(samples, start, stop)
+    start, stop = int(nearest[1] * scale), int((min(later) if later else end) * scale)
+    return timed_trim(_pcm_at_16khz(pcm, library.rate_hz).astype(np.float32), start, stop)
 
 
 def timed_trim(samples: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, float, float]:

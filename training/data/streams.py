@@ -51,6 +51,7 @@ from training.data.speech import (
     synthesize,
     synthesize_timed,
     timed_trim,
+    trim_silence,
 )
 
 FESTIVAL_TRAINING_VOICES = ("kal_diphone", "ked_diphone")
@@ -208,7 +209,7 @@ def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | 
             if rate != SAMPLE_RATE_HZ:
                 samples = soxr.resample(samples, rate, SAMPLE_RATE_HZ).astype(np.float32)
             if words[index] is None:
-                outputs.append((_trim(samples), None))
+                outputs.append((trim_silence(samples), None))
                 continue
             times = [line.split() for line in (Path(folder) / f"{index}.words").read_text().splitlines()]
             found = [(float(t[1]), float(t[2])) for t in times if len(t) == 3 and t[0].lower() == words[index]]
@@ -240,11 +241,6 @@ def keyword_sentence(keyword: str, sentences: list[str], rng: np.random.Generato
         at = int(rng.integers(0, len(words) + 1))
         words = [*words[:at], keyword, *words[at:]]
     return " ".join(words), sum(len(word) + 1 for word in words[:at])
-
-
-def _trim(samples: np.ndarray) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(samples) > 0.01)
-    return samples[loud[0] : loud[-1] + 1].astype(np.float32) if loud.size else samples.astype(np.float32)
 
 
 @dataclass(frozen=True)
