@@ -41,6 +41,7 @@ from training.data.streams import (
     evaluation_recordings,
     frame_targets,
     keyword_windows,
+    sentence_keyword_frames,
 )
 from training.keywords import clip_frames, clip_logits
 
@@ -81,6 +82,9 @@ class ContinuousSpeechTraining:
     # whether speech goes on before it fires; 0: at its end)
     target_delay_s: float = 0.0
     keyword_weight: float = 4.0  # loss weight of a keyword's frames (they are rare)
+    # cross_entropy: the loss weight of the frames of a keyword said inside a sentence, which the
+    # model finds far harder than a command (None: keyword_weight)
+    sentence_keyword_weight: float | None = None
     learning_rate: float = 1e-3  # fine-tuning the clip-trained weights
     final_learning_rate_fraction: float = 0.05
     mining_threshold: float = 0.4
@@ -137,6 +141,21 @@ def pick_maxima(logits: torch.Tensor, targets: torch.Tensor, windows: list[list[
             if first <= last:
                 targets[lane, first + int(log_probabilities[lane, first : last + 1, label].argmax())] = label
     return targets
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                           class_weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over frames (logits [B, T, C], targets [B, T]), each frame weighted by
+    `weights` [B, T] and the weighted mean taken, as cross_entropy(weight=...) does per class.
+    A frame the max-pooling loss picks (its target set after the weights were made) takes its
+    class weight; IGNORED frames count for nothing."""
+    flat = targets.reshape(-1)
+    kept = flat != IGNORED
+    frame_weights = torch.where(weights.reshape(-1) > 0, weights.reshape(-1),
+                                class_weights[torch.where(kept, flat, 0)]) * kept
+    losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.where(kept, flat, 0),
+                                         reduction="none")
+    return (losses * frame_weights).sum() / frame_weights.sum().clamp_min(1e-12)
 
 
 def _reset_lanes(state, lanes: torch.Tensor):
@@ -222,6 +241,13 @@ class StreamTrainer:
             targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels,
                                               settings.target_delay_s) for r in recordings])
             windows = None
+        # Per-frame loss weights: the class weight, 0 on a frame the loss leaves free.
+        weights = self.weights[torch.from_numpy(np.where(targets == IGNORED, 0, targets))]
+        weights[torch.from_numpy(targets == IGNORED)] = 0.0
+        if settings.sentence_keyword_weight is not None and settings.loss != "max_pool":
+            in_sentence = np.stack([sentence_keyword_frames(r, frames, config.hop_samples, config.window_samples,
+                                                            settings.target_delay_s) for r in recordings])
+            weights[torch.from_numpy(in_sentence)] = settings.sentence_keyword_weight
         for recording in recordings:
             seconds = length / 16000
             self.seen["recording_hours"] += seconds / 3600
@@ -229,7 +255,7 @@ class StreamTrainer:
             speech_seconds = sum(min(end, seconds) - start for start, end in recording.speech if start < seconds)
             self.seen["speech_without_keyword_hours"] += max(0.0, speech_seconds - keyword_seconds) / 3600
             self.seen["keywords"] += sum(1 for _, start, end in recording.keywords if end <= seconds)
-        return torch.from_numpy(features), torch.from_numpy(targets), windows
+        return torch.from_numpy(features), torch.from_numpy(targets), windows, weights
 
     def _clip_batch(self):
         settings = self.settings
@@ -256,7 +282,7 @@ class StreamTrainer:
             bar = tqdm(range(settings.batches_per_round), desc=f"keywords round {round_number}/{settings.rounds}",
                        disable=not self.progress, leave=False, unit="batch")
             for _ in bar:
-                features, targets, windows = self._stream_batch()
+                features, targets, windows, frame_weights = self._stream_batch()
                 resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
                 state = _reset_lanes(state, resets)
                 # Truncated backpropagation through time: one optimizer step per chunk, the state
@@ -269,9 +295,8 @@ class StreamTrainer:
                     chunk_targets = targets[:, start : start + settings.chunk_frames]
                     if windows is not None:
                         chunk_targets = pick_maxima(logits, chunk_targets, windows, start)
-                    stream_loss = nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), weight=self.weights,
-                        ignore_index=IGNORED)
+                    stream_loss = weighted_cross_entropy(
+                        logits, chunk_targets, frame_weights[:, start : start + settings.chunk_frames], self.weights)
                     clip_features, clip_targets = self._clip_batch()
                     pooled = clip_logits(frame_logits(model, clip_features, None, "clip")[0], self.clip_ranges,
                                          "frame_max")

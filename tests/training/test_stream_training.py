@@ -15,7 +15,9 @@ from training.data.streams import (
     TARGET_AFTER_END_S,
     Bank,
     Recording,
+    frame_targets,
     keyword_windows,
+    sentence_keyword_frames,
 )
 from training.keywords import _clip_stage
 from training.models.classifier import ClassifierConfig, RNNClassifier
@@ -26,6 +28,7 @@ from training.stream_training import (
     frame_logits,
     max_pool_targets,
     pick_maxima,
+    weighted_cross_entropy,
 )
 
 HOP, WINDOW = 320, 480
@@ -165,12 +168,14 @@ def test_the_clip_stage_is_kept_and_read_back_only_for_the_same_settings(tmp_pat
     assert _clip_stage(None, train, model, {"data": "b"}) == [{"epoch": 3}]
 
 
-@pytest.mark.parametrize("loss", ["max_pool", "cross_entropy"])
-def test_a_round_of_stream_training_learns_with_either_loss(loss):
+@pytest.mark.parametrize(("loss", "sentence_weight"), [("max_pool", None), ("cross_entropy", None),
+                                                       ("cross_entropy", 12.0)])
+def test_a_round_of_stream_training_learns_with_either_loss(loss, sentence_weight):
     from dataclasses import replace
 
     trainer = _trainer(UNKNOWN)
-    trainer.settings = replace(trainer.settings, loss=loss, rounds=1, batches_per_round=2)
+    trainer.settings = replace(trainer.settings, loss=loss, rounds=1, batches_per_round=2,
+                               sentence_keyword_weight=sentence_weight)
     before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
     history = trainer.train()
     assert history[-1] == {"chosen_round": 1}
@@ -185,3 +190,46 @@ def test_an_unknown_stream_loss_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="loss must be one of") as raised:
         ContinuousSpeechTraining(loss="maxpool")
     assert all(name in str(raised.value) for name in STREAM_LOSSES)
+
+
+def test_sentence_keyword_frames_are_the_target_frames_of_keywords_said_in_a_sentence():
+    # A command, then a keyword inside a sentence whose frames the next command takes over in part.
+    keywords = [("stop", 1.0, 1.4), ("on", 2.5, 2.7), ("go", 2.8, 2.7 + TARGET_AFTER_END_S / 1.5)]
+    recording = Recording(np.zeros(5 * 16000, np.float32), keywords, [(1.0, 1.4), (2.0, 3.3)], [False, True, False])
+    frames = (len(recording.samples) - WINDOW) // HOP + 1
+    ends = _frame_ends(frames)
+    targets = frame_targets(recording, frames, HOP, WINDOW, LABELS)
+    marked = sentence_keyword_frames(recording, frames, HOP, WINDOW)
+    on = (ends >= 2.7) & (ends <= 2.7 + TARGET_AFTER_END_S)
+    np.testing.assert_array_equal(marked, on & (targets == LABELS.index("on")))
+    assert marked.any() and (on & ~marked).any()  # the frames "go" took over are not marked
+    assert not sentence_keyword_frames(Recording(recording.samples, keywords, recording.speech), frames, HOP,
+                                       WINDOW).any()  # no delivery recorded: all commands
+
+
+def test_weighted_cross_entropy_is_class_weighted_cross_entropy_and_weights_each_frame():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, len(LABELS), generator=generator)
+    targets = torch.randint(0, len(LABELS), (2, 9), generator=generator)
+    targets[0, 3] = IGNORED
+    class_weights = torch.ones(len(LABELS))
+    class_weights[: len(KEYWORDS)] = 4.0
+    weights = class_weights[torch.where(targets == IGNORED, 0, targets)]
+    weights[targets == IGNORED] = 0.0
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, len(LABELS)), targets.reshape(-1),
+                                                 weight=class_weights, ignore_index=IGNORED)
+    torch.testing.assert_close(weighted_cross_entropy(logits, targets, weights, class_weights), expected)
+    # A frame the max-pooling loss picked after the weights were made takes its class weight.
+    picked = targets.clone()
+    picked[0, 3] = 0
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, len(LABELS)), picked.reshape(-1),
+                                                 weight=class_weights)
+    torch.testing.assert_close(weighted_cross_entropy(logits, picked, weights, class_weights), expected)
+    # One frame weighted up: the loss moves toward that frame's loss.
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, len(LABELS)), picked.reshape(-1), reduction="none")
+    heavier = weights.clone()
+    heavier[1, 5] = 100.0
+    manual = (losses * torch.where(heavier.reshape(-1) > 0, heavier.reshape(-1),
+                                   class_weights[picked.reshape(-1)])).sum()
+    manual = manual / torch.where(heavier.reshape(-1) > 0, heavier.reshape(-1), class_weights[picked.reshape(-1)]).sum()
+    torch.testing.assert_close(weighted_cross_entropy(logits, picked, heavier, class_weights), manual)

@@ -638,6 +638,18 @@ def frame_targets(recording: Recording, frames: int, hop_samples: int, window_sa
     return targets
 
 
+def sentence_keyword_frames(recording: Recording, frames: int, hop_samples: int, window_samples: int,
+                            delay_s: float = 0.0) -> np.ndarray:
+    """The frames [frames] that frame_targets gives the label of a keyword said inside a sentence."""
+    ends = (np.arange(frames) * hop_samples + window_samples) / SAMPLE_RATE_HZ
+    marked = np.zeros(frames, bool)
+    in_sentence = recording.in_sentence or [False] * len(recording.keywords)
+    for (_, _, end), said_in_sentence in zip(recording.keywords, in_sentence, strict=True):
+        # In order, as frame_targets labels them: a later keyword's frames take over.
+        marked[(ends >= end + delay_s) & (ends <= end + delay_s + TARGET_AFTER_END_S)] = said_in_sentence
+    return marked
+
+
 def keyword_windows(recording: Recording, frames: int, hop_samples: int, window_samples: int,
                     labels: list[str], before_end_s: float = MAX_POOL_BEFORE_END_S,
                     after_end_s: float = MAX_POOL_AFTER_END_S) -> list[tuple[int, int, int]]:
@@ -738,4 +750,4 @@ def _keyword_recordings(bank: Bank, voice: str, takes: list[int], prose: list[in
 
 
 __all__ = ["Bank", "Mix", "Recording", "StreamDataConfig", "build_banks", "compose", "evaluation_recordings",
-           "frame_targets", "keyword_windows", "SynthesisError"]
+           "frame_targets", "keyword_windows", "sentence_keyword_frames", "SynthesisError"]
