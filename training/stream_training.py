@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -264,6 +266,52 @@ class StreamTrainer:
                           for row in picked])
         return torch.from_numpy(self.augmenter.features(waves, self.rng)), torch.from_numpy(self.clip_labels[picked])
 
+    def _batch(self):
+        """One optimizer batch's data: a stream batch, which lanes start afresh, and a clip batch
+        for each of its chunks."""
+        settings = self.settings
+        features, targets, windows, weights = self._stream_batch()
+        resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
+        chunks = -(-features.shape[1] // settings.chunk_frames)
+        return features, targets, windows, weights, resets, [self._clip_batch() for _ in range(chunks)]
+
+    def _prepared(self, count: int, ahead: int = 2):
+        """`count` batches (_batch), made in order by a background thread while the model trains
+        on the ones before: composing, augmenting and the log-mel front end (numpy and scipy,
+        which release the interpreter lock) take as long as the model's steps. The thread alone
+        draws from self.rng while the round runs, so a run is as reproducible as in one thread."""
+        made: queue.Queue = queue.Queue(maxsize=ahead)
+        stop = threading.Event()
+
+        def hand_over(item) -> bool:
+            while not stop.is_set():
+                try:
+                    made.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False  # the training thread stopped taking batches
+
+        def produce():
+            try:
+                for _ in range(count):
+                    if stop.is_set() or not hand_over(("batch", self._batch())):
+                        return
+            except BaseException as error:  # handed to the training thread, which raises it
+                hand_over(("error", error))
+
+        worker = threading.Thread(target=produce, name="stream-batches", daemon=True)
+        worker.start()
+        try:
+            for _ in range(count):
+                kind, value = made.get()
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            worker.join()
+
     def train(self) -> list[dict]:
         settings, model = self.settings, self.model
         model.begin_frame_head()
@@ -276,19 +324,31 @@ class StreamTrainer:
         state = None
         from tqdm.auto import tqdm
 
+        # The batches are made on a thread of their own (_prepared): leave it a core.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            return self._rounds(model, optimizer, scheduler, history, best, state, tqdm)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _rounds(self, model, optimizer, scheduler, history, best, state, tqdm) -> list[dict]:
+        settings = self.settings
+
         for round_number in range(1, settings.rounds + 1):
             model.train()
             losses = []
             bar = tqdm(range(settings.batches_per_round), desc=f"keywords round {round_number}/{settings.rounds}",
                        disable=not self.progress, leave=False, unit="batch")
-            for _ in bar:
-                features, targets, windows, frame_weights = self._stream_batch()
-                resets = torch.from_numpy(self.rng.random(len(features)) < settings.reset_probability)
+            batches = self._prepared(settings.batches_per_round)
+            for _, batch in zip(bar, batches, strict=True):
+                features, targets, windows, frame_weights, resets, clip_batches = batch
                 state = _reset_lanes(state, resets)
                 # Truncated backpropagation through time: one optimizer step per chunk, the state
                 # carried into the next chunk without its gradient. Each step also takes a batch
                 # of joined clips with the clip objective.
-                for start in range(0, features.shape[1], settings.chunk_frames):
+                for start, (clip_features, clip_targets) in zip(range(0, features.shape[1], settings.chunk_frames),
+                                                                clip_batches, strict=True):
                     piece = features[:, start : start + settings.chunk_frames]
                     logits, state = frame_logits(model, piece, state)
                     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
@@ -297,7 +357,6 @@ class StreamTrainer:
                         chunk_targets = pick_maxima(logits, chunk_targets, windows, start)
                     stream_loss = weighted_cross_entropy(
                         logits, chunk_targets, frame_weights[:, start : start + settings.chunk_frames], self.weights)
-                    clip_features, clip_targets = self._clip_batch()
                     pooled = clip_logits(frame_logits(model, clip_features, None, "clip")[0], self.clip_ranges,
                                          "frame_max")
                     clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),

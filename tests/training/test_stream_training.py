@@ -233,3 +233,46 @@ def test_weighted_cross_entropy_is_class_weighted_cross_entropy_and_weights_each
                                    class_weights[picked.reshape(-1)])).sum()
     manual = manual / torch.where(heavier.reshape(-1) > 0, heavier.reshape(-1), class_weights[picked.reshape(-1)]).sum()
     torch.testing.assert_close(weighted_cross_entropy(logits, picked, heavier, class_weights), manual)
+
+
+def test_batches_made_on_the_background_thread_are_those_one_thread_makes_in_order():
+    ahead, inline = _trainer(UNKNOWN), _trainer(UNKNOWN)
+    made = list(ahead._prepared(3))
+    assert len(made) == 3
+    for batch, expected in zip(made, (inline._batch() for _ in range(3)), strict=True):
+        features, targets, windows, weights, resets, clips = batch
+        torch.testing.assert_close(features, expected[0], rtol=0, atol=0)
+        assert torch.equal(targets, expected[1]) and torch.equal(weights, expected[3])
+        assert torch.equal(resets, expected[4]) and windows == expected[2]
+        assert len(clips) == len(expected[5]) == -(-features.shape[1] // ahead.settings.chunk_frames)
+        for (clip_features, clip_labels), (want_features, want_labels) in zip(clips, expected[5], strict=True):
+            assert torch.equal(clip_features, want_features) and torch.equal(clip_labels, want_labels)
+    # Both drew the same numbers from their generators, in the same order.
+    assert ahead.rng.random() == inline.rng.random()
+
+
+def test_an_error_while_making_batches_reaches_the_training_thread_and_the_thread_stops():
+    import threading
+
+    trainer = _trainer(UNKNOWN)
+    made = 0
+
+    def failing():
+        nonlocal made
+        made += 1
+        if made == 2:
+            raise RuntimeError("no more audio")
+        return ("batch", made)
+
+    trainer._batch = failing
+    batches = trainer._prepared(5)
+    assert next(batches) == ("batch", 1)
+    with pytest.raises(RuntimeError, match="no more audio"):
+        next(batches)
+    assert not any(thread.name == "stream-batches" for thread in threading.enumerate())
+    # A consumer that stops early does not leave the thread behind either.
+    trainer._batch = lambda: ("batch", 0)
+    early = trainer._prepared(50)
+    next(early)
+    early.close()
+    assert not any(thread.name == "stream-batches" for thread in threading.enumerate())

@@ -211,12 +211,21 @@ def timed_trim(samples: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, 
     return samples[first:last], (start - first) / SAMPLE_RATE_HZ, (stop - first) / SAMPLE_RATE_HZ
 
 
-def coloured_noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:
-    """Unit-RMS white, pink (1/f power) or brown (1/f^2 power) noise."""
-    spectrum = np.fft.rfft(rng.standard_normal(samples))
-    frequencies = np.maximum(np.fft.rfftfreq(samples), 1.0 / samples)
+def coloured_noise(samples: int, colour: str, rng: np.random.Generator, fast: bool = False) -> np.ndarray:
+    """Unit-RMS white, pink (1/f power) or brown (1/f^2 power) noise. fast: drawn and shaped in
+    float32 (scipy.fft), white without a transform: the same noise, about 3x faster, other draws
+    from `rng` (stream training; the clip data keeps the float64 draws it was made with)."""
     exponent = {"white": 0.0, "pink": 0.5, "brown": 1.0}[colour]
-    noise = np.fft.irfft(spectrum / frequencies**exponent, n=samples)
+    frequencies = np.maximum(np.fft.rfftfreq(samples), 1.0 / samples)
+    if fast:
+        import scipy.fft
+
+        noise = rng.standard_normal(samples, dtype=np.float32)
+        if exponent:
+            shape = (frequencies**-exponent).astype(np.float32)
+            noise = scipy.fft.irfft(scipy.fft.rfft(noise) * shape, n=samples)
+    else:
+        noise = np.fft.irfft(np.fft.rfft(rng.standard_normal(samples)) / frequencies**exponent, n=samples)
     return (noise / (np.sqrt(np.mean(noise**2)) + 1e-12)).astype(np.float32)
 
 

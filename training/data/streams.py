@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -309,8 +310,29 @@ class Bank:
     def utterance(self, index: int) -> np.ndarray:
         return self.samples[self.offsets[index] : self.offsets[index + 1]]
 
+    @cached_property
+    def _by_kind(self) -> dict[str, np.ndarray]:
+        kinds = np.asarray(self.kinds)
+        found = {kind: np.flatnonzero(kinds == kind) for kind in set(self.kinds)}
+        for indices in found.values():
+            indices.flags.writeable = False
+        return found
+
+    @cached_property
+    def _voice_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        names, ids = np.unique(np.asarray(self.voices, dtype=str), return_inverse=True)
+        return names, ids
+
     def of_kind(self, kind: str) -> np.ndarray:
-        return np.array([i for i, k in enumerate(self.kinds) if k == kind], np.int64)
+        """The indices of the utterances of `kind`, in order (read-only)."""
+        return self._by_kind.get(kind, np.zeros(0, np.int64))
+
+    def indices(self, kind: str, voices, exclude: bool = False) -> np.ndarray:
+        """The indices of the utterances of `kind` by one of `voices` (exclude: by none of them), in order."""
+        names, ids = self._voice_ids
+        of_kind = self.of_kind(kind)
+        spoken = np.isin(names, np.asarray(list(voices), dtype=str))[ids[of_kind]]
+        return of_kind[~spoken if exclude else spoken]
 
     def seconds(self, kind: str) -> float:
         lengths = np.diff(self.offsets)
@@ -560,18 +582,17 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
     all_voices = sorted(set(bank.voices))
     if voices is None:
         voices = list(rng.choice(all_voices, size=min(len(all_voices), int(rng.integers(1, 4))), replace=False))
-    by_kind = {kind: [i for i in bank.of_kind(kind) if bank.voices[i] in voices]
-               for kind in ("keyword", "sentence", "near_miss", "prose")}
+    by_kind = {kind: bank.indices(kind, voices) for kind in ("keyword", "sentence", "near_miss", "prose")}
     kinds = ["command", "in_speech", "prose", "near_miss", "gap", "hard_negative"]
     odds = np.array([mix.command, mix.in_speech, mix.prose, mix.near_miss, mix.gap,
                      mix.hard_negative if hard_negatives else 0.0])
-    if not by_kind["keyword"]:
+    if not len(by_kind["keyword"]):
         odds[0] = 0
-    if not by_kind["sentence"]:
+    if not len(by_kind["sentence"]):
         odds[1] = 0
-    if not by_kind["prose"]:
+    if not len(by_kind["prose"]):
         odds[2] = 0
-    if not by_kind["near_miss"]:
+    if not len(by_kind["near_miss"]):
         odds[3] = 0
     odds = odds / odds.sum()
     built = _Builder(rng, mix)
@@ -594,32 +615,35 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
             built.pause((0.1, 0.5))
         else:
             built.pause((1.0, 3.0))
-    samples = _conditions(built.samples(), bank, voices, rng, mix)
+    samples = _conditions(built.samples(), bank, voices, rng, mix, fast=True)
     return Recording(samples, built.keywords, built.speech, built.in_sentence)
 
 
-def _noise(samples: int, colour: str, rng: np.random.Generator) -> np.ndarray:
+def _noise(samples: int, colour: str, rng: np.random.Generator, fast: bool = False) -> np.ndarray:
     """Coloured noise of any length from a power-of-two FFT (an FFT of an arbitrary length can be
     many times slower)."""
     size = 1 << max(0, int(samples - 1).bit_length())
-    return coloured_noise(size, colour, rng)[:samples]
+    return coloured_noise(size, colour, rng, fast)[:samples]
 
 
-def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.random.Generator, mix: Mix) -> np.ndarray:
+def _conditions(samples: np.ndarray, bank: Bank, voices: list[str], rng: np.random.Generator, mix: Mix,
+                fast: bool = False) -> np.ndarray:
+    """Reverberation, babble and noise as `mix` says. fast: the noise drawn in float32 (training;
+    the judged recordings keep the draws their figures were measured on)."""
     from training.augment import reverberate
 
     if rng.random() < mix.reverb_probability:
         samples = reverberate(samples, float(rng.uniform(*mix.rt60_s)), SAMPLE_RATE_HZ, rng)
     background = np.zeros_like(samples)
-    others = [i for i in bank.of_kind("prose") if bank.voices[i] not in voices]
-    if others and rng.random() < mix.babble_probability:
+    others = bank.indices("prose", voices, exclude=True)
+    if len(others) and rng.random() < mix.babble_probability:
         # Several other voices at once, each looped to the recording's length.
         for _ in range(int(rng.integers(3, 6))):
             voice = bank.utterance(int(rng.choice(others)))
             background += np.resize(voice, len(samples)) * np.float32(rng.uniform(0.5, 1.0))
         samples = mix_at_snr(samples, background, float(rng.uniform(*mix.babble_snr_db)))
     if rng.random() < mix.noise_probability:
-        noise = _noise(len(samples), str(rng.choice(NOISE_COLOURS)), rng)
+        noise = _noise(len(samples), str(rng.choice(NOISE_COLOURS)), rng, fast)
         samples = mix_at_snr(samples, noise, float(rng.uniform(*mix.snr_db)))
     return np.clip(samples, -1.0, 1.0).astype(np.float32)
 
@@ -683,11 +707,11 @@ def evaluation_recordings(bank: Bank, seed: int, keyword_seconds: float = 60.0) 
     rng = np.random.default_rng(seed)
     negative, with_keywords = [], []
     for voice in sorted(set(bank.voices)):
-        prose = [i for i in bank.of_kind("prose") if bank.voices[i] == voice]
+        prose = [int(i) for i in bank.indices("prose", [voice])]
         for part in np.array_split(np.array(prose, np.int64), max(1, len(prose) // 8)):
             if len(part):
                 negative.append(negative_recording(bank, list(part), rng, EVALUATION_MIX))
-        takes = [i for i in (*bank.of_kind("keyword"), *bank.of_kind("sentence")) if bank.voices[i] == voice]
+        takes = [int(i) for kind in ("keyword", "sentence") for i in bank.indices(kind, [voice])]
         if takes:
             with_keywords.extend(_keyword_recordings(bank, voice, takes, prose, rng, keyword_seconds))
     return {"negative": negative, "keywords": with_keywords}
