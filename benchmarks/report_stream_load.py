@@ -34,7 +34,8 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str],
     lines = [TITLE, "", f"benchmarks/loadgen (Go) opens N streams, each playing one of {stream_load['recordings']} "
              f"espeak-ng keyword recordings ({stream_load['seconds_per_stream']:g} s) once in "
              f"{stream_load['chunk_ms']:g} ms PCM16 chunks at real-time pace: typed `Stream` with a response per "
-             "chunk, or KServe v2 sequences over `ModelStreamInfer`. A level passes when the p99 response latency is "
+             "chunk, or KServe v2 sequences over `ModelStreamInfer` or over unary `ModelInfer` calls. A level "
+             "passes when the p99 response latency is "
              f"<= {stream_load['p99_limit_ms']:g} ms, every stream kept pace and every stream's detections (KServe: "
              "running labels) equal those of its recording streamed alone. The transport-only server (no model, an "
              "empty answer per chunk) runs in the same run with the same client; levels are interleaved. "
@@ -44,7 +45,11 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str],
              + (f" Measured {stream_load['measured_at']}, one run per level (no repeats: a level near the limit "
                 "can pass in one run and fail in the next)." if stream_load.get("measured_at") else ""), "",
              "Modes: `typed` answers every chunk; `typed-1s` asks for `report_every_ms` 1000 (responses on "
-             "detections and once a second); `kserve` answers every request. `rnnserve per-stream` is the same "
+             "detections and once a second); `kserve` answers every request; `kserve-unary` sends each request of a "
+             "sequence as a unary `ModelInfer` call once the one before was answered (Triton's sequence-batcher "
+             "protocol), which the native front serves in Rust, while the streaming methods go through the grpcio "
+             "server behind it. `transport only (native)` is the do-nothing server on pygrpc-native, the ceiling "
+             "of that path. `rnnserve per-stream` is the same "
              "server with `--stream-batch-max-rows 1 --stream-instances 0`: every stream's step is its own step.onnx "
              "call, on as many step instances as the model has (two calls at once on 2 cores). Rows per "
              "step call come from the server's `rnnserve_batch_rows` metric over each level.", "",
@@ -66,10 +71,18 @@ def section(stream_load: dict | None, save_plot: Callable[[dict], str],
     ceiling = stream_load["servers"].get("transport only", {}).get("typed")
     facts = {"max_streams": typed["max_streams"] if typed else None,
              "transport": ceiling["max_streams"] if ceiling else None}
+    unary = stream_load["servers"].get("rnnserve", {}).get("kserve-unary")
+    unary_ceiling = stream_load["servers"].get("transport only (native)", {}).get("kserve-unary")
     if facts["max_streams"] is not None and facts["transport"]:
         lines += ["", f"rnnserve holds {facts['max_streams']} typed "
                   f"streams, {facts['max_streams'] / facts['transport']:.0%} of the transport-only ceiling "
                   f"({facts['transport']}; a ceiling at the last level tried means more was not tried)."]
+    if unary:
+        facts["kserve_unary"] = unary["max_streams"]
+        lines += ["", f"Over unary sequence calls (`kserve-unary`) rnnserve holds {unary['max_streams']} streams"
+                  + (f", {unary['max_streams'] / unary_ceiling['max_streams']:.0%} of the native transport-only "
+                     f"ceiling ({unary_ceiling['max_streams']})" if unary_ceiling and unary_ceiling["max_streams"]
+                     else "") + "."]
     single = stream_load["servers"].get("rnnserve per-stream", {}).get("typed")
     if typed and single:
         facts["per_stream"] = single["max_streams"]

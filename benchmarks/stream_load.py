@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -88,8 +89,11 @@ def outcome(stream: dict) -> list:
 
 
 # What a mode name asks of the load generator: its -mode and flags. "typed" answers every chunk;
-# "typed-1s" asks for report_every_ms 1000 (responses on detections and once a second).
-MODES = {"typed": ("typed", ()), "kserve": ("kserve", ()), "typed-1s": ("typed", ("-report-every-ms", "1000"))}
+# "typed-1s" asks for report_every_ms 1000 (responses on detections and once a second);
+# "kserve-unary": KServe sequences over unary ModelInfer calls (Triton's sequence batcher
+# protocol), which the native front serves in Rust, where the streaming methods go through grpcio.
+MODES = {"typed": ("typed", ()), "kserve": ("kserve", ()), "typed-1s": ("typed", ("-report-every-ms", "1000")),
+         "kserve-unary": ("kserve-unary", ())}
 # The servers a run can hold: rnnserve with cellular batching (every stream step waiting at one
 # moment in one step.onnx call, up to 256 rows), rnnserve running each stream's step on its own
 # (--stream-batch-max-rows 1) on the model's instances (--stream-instances 0: two step calls at
@@ -97,7 +101,9 @@ MODES = {"typed": ("typed", ()), "kserve": ("kserve", ()), "typed-1s": ("typed",
 SERVERS = {"rnnserve": (), "rnnserve per-stream": ("--stream-batch-max-rows", "1", "--stream-instances", "0")}
 # The modes each server runs (rnnserve: all): per-stream execution is compared on typed streams,
 # the transport ceiling on both protocols.
-SERVER_MODES = {"rnnserve per-stream": {"typed"}, "transport only": {"typed", "kserve"}}
+SERVER_MODES = {"rnnserve per-stream": {"typed"}, "transport only": {"typed", "kserve"},
+                "transport only (native)": {"kserve-unary"}}
+TRANSPORT_ONLY = {"transport only": "grpcio", "transport only (native)": "native"}
 
 
 def names_of(servers: str) -> list[str]:
@@ -168,13 +174,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="10,25,50,75,100,150,200,300,500,700",
                         help="comma-separated stream counts")
-    parser.add_argument("--modes", default="typed,kserve,typed-1s",
-                        help="typed (RnnServe.Stream, a response per chunk), kserve (sequences), typed-1s "
-                             "(report_every_ms 1000: responses on detections and once a second)")
-    parser.add_argument("--servers", default="rnnserve,rnnserve per-stream,transport only",
+    parser.add_argument("--modes", default="typed,kserve,typed-1s,kserve-unary",
+                        help="typed (RnnServe.Stream, a response per chunk), kserve (sequences over "
+                             "ModelStreamInfer), typed-1s (report_every_ms 1000: responses on detections and once "
+                             "a second), kserve-unary (sequences over unary ModelInfer calls)")
+    parser.add_argument("--servers", default="rnnserve,rnnserve per-stream,transport only,transport only (native)",
                         help="rnnserve (cellular batching), rnnserve per-stream (--stream-batch-max-rows 1 "
-                             "--stream-instances 0), "
-                             "transport only")
+                             "--stream-instances 0), transport only (grpc.aio), transport only (native: "
+                             "pygrpc-native, unary sequences)")
     parser.add_argument("--recordings", type=int, default=4, help="distinct recordings the streams play")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each recording (one stream)")
     parser.add_argument("--connections", type=int, default=0,
@@ -203,14 +210,15 @@ def main() -> int:
     levels = [int(v) for v in args.levels.split(",")]
     flags = ("-connections", str(args.connections), "-start-groups", str(args.start_groups))
     modes = [m.strip() for m in args.modes.split(",")]
-    known_servers = [*SERVERS, "transport only"]
+    known_servers = [*SERVERS, *TRANSPORT_ONLY]
     unknown = [m for m in modes if m not in MODES] + [n for n in names_of(args.servers) if n not in known_servers]
     if unknown:
         parser.error(f"unknown mode or server: {', '.join(unknown)} (modes: {', '.join(MODES)}; "
-                     f"servers: {', '.join([*SERVERS, 'transport only'])})")
+                     f"servers: {', '.join(known_servers)})")
     starters = {name: functools.partial(start_rnnserve, "--max-streams", "5000", "--metrics-port", "0", *extra)
                 for name, extra in SERVERS.items()}
-    starters["transport only"] = transport_only.start
+    for name, front in TRANSPORT_ONLY.items():
+        starters[name] = functools.partial(transport_only.start, front)
     names = names_of(args.servers)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "client": "benchmarks/loadgen (Go)",
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -222,6 +230,9 @@ def main() -> int:
         manifest = write_recordings(Path(folder), args.recordings, args.seconds)
         try:
             for name in names:
+                if TRANSPORT_ONLY.get(name) == "native" and importlib.util.find_spec("pygrpc_native") is None:
+                    print(f"stream_load: {name}: pygrpc-native is not installed (rnnserve[native]); skipped")
+                    continue
                 servers[name] = starters[name]()
             references = {(name, mode): {s["recording"]: outcome(s) for s in
                                          run_loadgen(target, manifest, MODES[mode][0], alone=True,

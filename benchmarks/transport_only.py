@@ -10,6 +10,11 @@ machine, the least any Python gRPC server pays.
 
     python benchmarks/transport_only.py --port-file FILE             # binds 127.0.0.1:0, writes the port to FILE
     python benchmarks/transport_only.py --port PORT --response FILE  # binds 127.0.0.1:PORT; ModelInfer answers FILE
+    python benchmarks/transport_only.py --port-file FILE --front native  # on pygrpc-native, as rnnserve's native front
+
+With --front native the server is pygrpc-native's aio server, as rnnserve's default front: unary
+calls (ModelInfer, KServe sequences over unary calls) are served in Rust, the streaming methods
+by the grpcio server behind it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def serve(port: int, port_file: Path | None, response: bytes) -> None:
+def serve(port: int, port_file: Path | None, response: bytes, front: str = "grpcio") -> None:
     import grpc
 
     from serving.grpc.generated.inference import inference_pb2 as kserve
@@ -52,7 +57,12 @@ def serve(port: int, port_file: Path | None, response: bytes) -> None:
                                                      response_serializer=response_type.SerializeToString)
 
     async def run() -> None:
-        server = grpc.aio.server()
+        if front == "native":
+            import pygrpc_native.aio
+
+            server = pygrpc_native.aio.server()
+        else:
+            server = grpc.aio.server()
         server.add_generic_rpc_handlers([
             grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe", {
                 "Stream": streaming(stream, pb.StreamRequest, pb.StreamResponse)}),
@@ -73,10 +83,11 @@ def serve(port: int, port_file: Path | None, response: bytes) -> None:
     asyncio.run(run())
 
 
-def start() -> tuple[subprocess.Popen, str]:
+def start(front: str = "grpcio") -> tuple[subprocess.Popen, str]:
     """The server in its own process and session; returns it and its target once it listens."""
     port_file = Path(tempfile.mkdtemp()) / "port"
-    server = subprocess.Popen([sys.executable, __file__, "--port-file", str(port_file)], start_new_session=True)
+    server = subprocess.Popen([sys.executable, __file__, "--port-file", str(port_file), "--front", front],
+                              start_new_session=True)
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text():
         if time.monotonic() > deadline or server.poll() is not None:
@@ -91,5 +102,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free one)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once it listens")
     parser.add_argument("--response", type=Path, help="the bytes ModelInfer answers every request with")
+    parser.add_argument("--front", choices=("grpcio", "native"), default="grpcio",
+                        help="grpc.aio (default) or pygrpc-native's aio server")
     args = parser.parse_args()
-    serve(args.port, args.port_file, args.response.read_bytes() if args.response else b"")
+    serve(args.port, args.port_file, args.response.read_bytes() if args.response else b"", args.front)

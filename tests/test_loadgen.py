@@ -6,6 +6,7 @@ alone). Skipped, with the reason, where the Go toolchain or espeak-ng is missing
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -54,10 +55,13 @@ def test_a_short_run_against_a_real_server_passes(tmp_path):
         # A real-time condition on shared cores: one stall of the machine fails a level, so a
         # failing run is tried once more; a server that cannot keep 3 streams fails both.
         report = quick_run(tmp_path / "stream_load.json")
-    assert set(report["servers"]) == {"rnnserve", "rnnserve per-stream", "transport only"}
+    native = importlib.util.find_spec("pygrpc_native") is not None  # the do-nothing server on the native front
+    assert set(report["servers"]) == {"rnnserve", "rnnserve per-stream", "transport only",
+                                      *(["transport only (native)"] if native else [])}
     assert {(server, mode) for server, mode, _ in levels(report)} == {
-        ("rnnserve", "typed"), ("rnnserve", "kserve"), ("rnnserve", "typed-1s"), ("rnnserve per-stream", "typed"),
-        ("transport only", "typed"), ("transport only", "kserve")}
+        ("rnnserve", "typed"), ("rnnserve", "kserve"), ("rnnserve", "typed-1s"), ("rnnserve", "kserve-unary"),
+        ("rnnserve per-stream", "typed"), ("transport only", "typed"), ("transport only", "kserve"),
+        *([("transport only (native)", "kserve-unary")] if native else [])}
     for server, mode, level in levels(report):
         assert level["passed"], (server, mode, level)
         assert level["streams_kept_pace"] == level["detections_equal"] == level["streams"] == 3
@@ -65,7 +69,7 @@ def test_a_short_run_against_a_real_server_passes(tmp_path):
     # cellular batching is off, never more than the streams when it is on.
     per_stream = report["servers"]["rnnserve per-stream"]["typed"]["levels"][0]
     assert per_stream["step_calls"] > 0 and per_stream["rows_per_step_call"] == 1.0
-    for mode in ("typed", "kserve", "typed-1s"):
+    for mode in ("typed", "kserve", "typed-1s", "kserve-unary"):
         cellular = report["servers"]["rnnserve"][mode]["levels"][0]
         assert cellular["step_calls"] > 0 and 1.0 <= cellular["rows_per_step_call"] <= 3.0
     assert report["servers"]["transport only"]["typed"]["levels"][0]["rows_per_step_call"] is None

@@ -1,10 +1,11 @@
 // Command loadgen drives N concurrent real-time keyword streams against an rnnserve server
-// (typed RnnServe.Stream, or KServe v2 sequences over ModelStreamInfer) and writes a JSON
-// summary: response latencies, detection latencies, whether every stream kept pace, and the
-// detections (or running labels) of every stream.
+// (typed RnnServe.Stream, or KServe v2 sequences over ModelStreamInfer or over unary ModelInfer
+// calls) and writes a JSON summary: response latencies, detection latencies, whether every
+// stream kept pace, and the detections (or running labels) of every stream.
 //
 //	loadgen -target 127.0.0.1:50051 -manifest recordings/manifest.json -streams 100
 //	loadgen -target 127.0.0.1:50051 -manifest recordings/manifest.json -mode kserve -streams 100
+//	loadgen -target 127.0.0.1:50051 -manifest recordings/manifest.json -mode kserve-unary -streams 100
 //	loadgen -target 127.0.0.1:50051 -manifest recordings/manifest.json -alone   # the reference
 //
 // Stream s plays recording s % R of the manifest once, in chunk_ms chunks sent at real-time
@@ -48,7 +49,7 @@ func parseOptions() Options {
 	var o Options
 	flag.StringVar(&o.Target, "target", "127.0.0.1:50051", "server HOST:PORT (plaintext)")
 	flag.StringVar(&o.ManifestPath, "manifest", "", "JSON manifest of the recordings and their keywords")
-	flag.StringVar(&o.Mode, "mode", "typed", "typed (RnnServe.Stream) or kserve (ModelStreamInfer sequences)")
+	flag.StringVar(&o.Mode, "mode", "typed", "typed (RnnServe.Stream), kserve (sequences over ModelStreamInfer) or kserve-unary (sequences over unary ModelInfer)")
 	flag.StringVar(&o.Model, "model", "keywords", "model name")
 	flag.IntVar(&o.Streams, "streams", 1, "concurrent streams")
 	flag.IntVar(&o.Connections, "connections", 0, "gRPC connections the streams share (0: one per stream)")
@@ -76,8 +77,8 @@ func run(o Options) error {
 	if o.ManifestPath == "" {
 		return fmt.Errorf("-manifest is required")
 	}
-	if o.Mode != "typed" && o.Mode != "kserve" {
-		return fmt.Errorf("-mode %q: typed or kserve", o.Mode)
+	if o.Mode != "typed" && o.Mode != "kserve" && o.Mode != "kserve-unary" {
+		return fmt.Errorf("-mode %q: typed, kserve or kserve-unary", o.Mode)
 	}
 	if o.Streams < 1 || o.ChunkMs < 1 || o.Connections < 0 {
 		return fmt.Errorf("-streams and -chunk-ms must be positive, -connections not negative")

@@ -98,8 +98,11 @@ func (s *session) result() *StreamResult {
 }
 
 func (s *session) wire() wire {
-	if s.options.Mode == "kserve" {
+	switch s.options.Mode {
+	case "kserve":
 		return &kserveWire{session: s}
+	case "kserve-unary":
+		return &kserveUnaryWire{session: s}
 	}
 	return &typedWire{session: s}
 }

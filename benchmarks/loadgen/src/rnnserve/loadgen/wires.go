@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
 
 	"google.golang.org/grpc"
 
@@ -72,10 +73,13 @@ func boolParam(value bool) *kserve.InferParameter {
 	return &kserve.InferParameter{ParameterChoice: &kserve.InferParameter_BoolParam{BoolParam: value}}
 }
 
-func (k *kserveWire) send(chunk int) error {
-	s, r := k.session, k.session.plan.recording
+func (k *kserveWire) send(chunk int) error { return k.stream.Send(sequenceRequest(k.session, chunk)) }
+
+// sequenceRequest is chunk `chunk` of the session's recording as one request of its sequence.
+func sequenceRequest(s *session, chunk int) *kserve.ModelInferRequest {
+	r := s.plan.recording
 	samples := r.Float32[chunk]
-	return k.stream.Send(&kserve.ModelInferRequest{
+	return &kserve.ModelInferRequest{
 		ModelName: s.options.Model,
 		Id:        fmt.Sprint(chunk),
 		Parameters: map[string]*kserve.InferParameter{
@@ -89,7 +93,7 @@ func (k *kserveWire) send(chunk int) error {
 		}},
 		Outputs:          []*kserve.ModelInferRequest_InferRequestedOutputTensor{{Name: "label"}},
 		RawInputContents: [][]byte{samples},
-	})
+	}
 }
 
 func (k *kserveWire) closeSend() error { return k.stream.CloseSend() }
@@ -106,6 +110,48 @@ func (k *kserveWire) receive() (reply, error) {
 		return r, nil
 	}
 	r.label = firstBytesElement(response.InferResponse)
+	return r, nil
+}
+
+// kserveUnaryWire is one Triton-style sequence over unary ModelInfer calls, as Triton's sequence
+// batcher takes them: the same requests as kserveWire, each sent when the previous one was
+// answered (a sequence's requests must arrive in order), so a slow answer delays the next send.
+type kserveUnaryWire struct {
+	session  *session
+	ctx      context.Context
+	client   kserve.GRPCInferenceServiceClient
+	replies  chan reply
+	received int
+}
+
+func (k *kserveUnaryWire) open(ctx context.Context, conn *grpc.ClientConn) error {
+	k.ctx, k.client = ctx, kserve.NewGRPCInferenceServiceClient(conn)
+	k.replies = make(chan reply, len(k.session.plan.recording.Float32)+1)
+	return nil
+}
+
+func (k *kserveUnaryWire) send(chunk int) error {
+	response, err := k.client.ModelInfer(k.ctx, sequenceRequest(k.session, chunk))
+	if err != nil {
+		k.replies <- reply{failure: err.Error()}
+		return err
+	}
+	k.received++
+	k.replies <- reply{chunks: k.received, final: k.received == len(k.session.plan.recording.Float32),
+		label: firstBytesElement(response)}
+	return nil
+}
+
+func (k *kserveUnaryWire) closeSend() error {
+	close(k.replies)
+	return nil
+}
+
+func (k *kserveUnaryWire) receive() (reply, error) {
+	r, ok := <-k.replies
+	if !ok {
+		return reply{}, io.EOF
+	}
 	return r, nil
 }
 
