@@ -4,6 +4,7 @@ knows where every keyword lies, frame-level targets, and the two synthesisers.""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from training.data.streams import (
     NEAR_MISSES,
     TARGET_AFTER_END_S,
     Bank,
+    BankPlan,
     Mix,
     Recording,
     Voice,
+    _plan_description,
     compose,
     evaluation_recordings,
     festival_available,
@@ -194,3 +197,51 @@ def test_festival_says_where_a_word_lies_in_a_sentence():
         assert 0.5 < start_on < end_on < len(first) / 16000 - 0.5
         assert np.abs(first[round(start_on * 16000) : round(end_on * 16000)]).max() > 0.05
         assert start_stop == 0 and 0.1 < end_stop < 0.6
+
+
+def _median_f0(samples: np.ndarray, rate: int = 16000) -> float:
+    """The median pitch of the voiced 40 ms frames (autocorrelation peak between 60 and 400 Hz)."""
+    size, found = int(0.04 * rate), []
+    for start in range(0, len(samples) - size, size):
+        frame = samples[start : start + size].astype(np.float64)
+        if np.sqrt(np.mean(frame**2)) < 0.02:
+            continue
+        correlation = np.correlate(frame, frame, "full")[size - 1 :]
+        low, high = rate // 400, rate // 60
+        found.append(rate / (low + int(np.argmax(correlation[low:high]))))
+    return float(np.median(found))
+
+
+@pytest.mark.skipif(not festival_available(), reason="Festival is a Debian package; .ci/run installs it")
+def test_festival_diphone_voices_speak_at_the_pitch_asked_for_and_keep_their_own_without_one():
+    text = "please turn the lights on and stop the music"
+    own, low, high = festival_synthesize(FESTIVAL_TRAINING_VOICES[0], [(text, 1.0)] * 3, [None, (85.0, 8.0),
+                                                                                          (210.0, 20.0)])
+    assert abs(_median_f0(low) - 85) < 15 and abs(_median_f0(high) - 210) < 25
+    assert _median_f0(low) < _median_f0(own) < _median_f0(high)
+    (plain,) = festival_synthesize(FESTIVAL_TRAINING_VOICES[0], [(text, 1.0)])
+    np.testing.assert_array_equal(plain, own)
+
+
+def test_a_plan_without_festival_pitches_keeps_the_digest_it_had_before_the_setting():
+    plan = BankPlan(2, 0, 170.0, sentences=10)
+    assert "festival_f0_hz" not in _plan_description(plan)
+    pitched = _plan_description(BankPlan(2, 0, 170.0, sentences=10, festival_f0_hz=(75.0, 230.0)))
+    assert pitched.pop("festival_f0_hz") == (75.0, 230.0) and pitched == _plan_description(plan)
+
+
+def test_a_share_of_recordings_has_a_festival_voice_among_its_speakers():
+    bank = _tone_bank(voices=("a", "b", "c", "festival:x"))
+    rng = np.random.default_rng(3)
+    spoken = [compose(bank, 4.0, rng, replace(QUIET, festival_voice=0.5)).voices for _ in range(80)]
+    assert 0.3 < np.mean(["festival:x" in voices for voices in spoken]) < 0.7
+    assert all(1 <= len(voices) <= 3 and len(set(voices)) == len(voices) for voices in spoken)
+    assert all(sum(v.startswith("festival:") for v in voices) <= 1 for voices in spoken)
+    always = [compose(bank, 4.0, rng, replace(QUIET, festival_voice=1.0)).voices for _ in range(20)]
+    assert all("festival:x" in voices for voices in always)
+    # Voices drawn alike (the setting at 0): the Festival voice is one voice among four.
+    alike = [compose(bank, 4.0, rng, QUIET).voices for _ in range(80)]
+    assert 0.25 < np.mean(["festival:x" in voices for voices in alike]) < 0.75
+    # What a recording holds is said by its voices only: every keyword take it placed is theirs.
+    recording = compose(bank, 20.0, np.random.default_rng(5), replace(QUIET, festival_voice=1.0))
+    assert recording.keywords and "festival:x" in recording.voices
