@@ -177,14 +177,17 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
         sequences = order[: len(order) // joined * joined].reshape(-1, joined)
         return [sequences[i : i + config.batch_size] for i in range(0, len(sequences), config.batch_size)]
 
-    def batch_loss(trained_model, sequences, batch_rng):
+    def prepare_batch(sequences, batch_rng):
+        """Augmented clips, joined, as log-mel features, and their labels (made ahead by fit)."""
         waves = np.stack([
             np.concatenate([augmenter.waveform(to_float(data.clips[i]), batch_rng) for i in sequence])
             for sequence in sequences
         ])
-        inputs = torch.from_numpy(augmenter.features(waves, batch_rng)).to(context.device)
-        lengths = torch.full((len(sequences),), inputs.shape[1], dtype=torch.int64, device=context.device)
-        batch_labels = torch.from_numpy(labels[sequences]).to(context.device)
+        return torch.from_numpy(augmenter.features(waves, batch_rng)), torch.from_numpy(labels[sequences])
+
+    def batch_loss(trained_model, prepared, batch_rng):
+        inputs, batch_labels = (tensor.to(context.device) for tensor in prepared)
+        lengths = torch.full((len(inputs),), inputs.shape[1], dtype=torch.int64, device=context.device)
         if not per_frame:
             return nn.functional.cross_entropy(trained_model(inputs, lengths), batch_labels[:, 0])
         logits = clip_logits(trained_model(inputs, lengths, frames=True, head="clip"), ranges, model_config.pooling)
@@ -214,6 +217,7 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
                     train_batches=train_batches, batch_loss=batch_loss,
                     validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
                     validation_labels=labels[index["validation"]], rng=rng, progress=progress,
+                    prepare_batch=prepare_batch,
                 )
             # The frame head plays no part in the clip stage: a stage written without one serves.
             clip_config = {k: v for k, v in model_config.to_dict().items() if k != "frame_head"}
@@ -234,7 +238,7 @@ def _train(task, description, data: AudioClips, model_overrides, config: TrainCo
             model, config, context, task, data.label_names,
             train_batches=train_batches, batch_loss=batch_loss,
             validation_batches=eval_batches("validation"), validation_scores=scores("validation"),
-            validation_labels=labels[index["validation"]], rng=rng, progress=progress,
+            validation_labels=labels[index["validation"]], rng=rng, progress=progress, prepare_batch=prepare_batch,
         )
         continuous_summary = None
     evaluations = {}

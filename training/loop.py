@@ -11,9 +11,12 @@ import copy
 import json
 import logging
 import math
+import queue
 import re
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +33,60 @@ from training.plots import plot_confusion_matrix, plot_gradient_norms, plot_lear
 
 log = logging.getLogger(__name__)
 
-# (model as called for training, batch of example indices, rng) -> scalar loss
+# (model as called for training, batch of example indices, rng) -> scalar loss; with
+# prepare_batch, (model, what prepare_batch made of the batch, rng) -> scalar loss
 BatchLoss = Callable[[nn.Module, np.ndarray, np.random.Generator], torch.Tensor]
+# (batch of example indices, rng) -> the batch's data (inputs and targets), made ahead on a thread
+PrepareBatch = Callable[[np.ndarray, np.random.Generator], object]
+
+
+def made_ahead(make: Callable[[int], object], count: int, ahead: int = 2, name: str = "batches") -> Iterator:
+    """make(0), ..., make(count - 1), made in order on a background thread, at most `ahead`
+    ahead of the one taken: audio batches are numpy and scipy work that releases the interpreter
+    lock, so they are made while the model trains on the ones before. An error there is raised
+    here; a consumer that stops early stops the thread."""
+    made: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer stopped taking them
+
+    def produce():
+        try:
+            for index in range(count):
+                if stop.is_set() or not hand_over(("made", make(index))):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            hand_over(("error", error))
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        for _ in range(count):
+            kind, value = made.get()
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
+
+
+@contextmanager
+def core_left_free():
+    """PyTorch on one thread fewer (at least one) while a made_ahead thread makes the batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 # (model, batch of example indices) -> (logits [n, C], labels [n]) for evaluation
 BatchScores = Callable[[nn.Module, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,9 +146,12 @@ def fit(
     validation_labels: np.ndarray,
     rng: np.random.Generator,
     progress: bool,
+    prepare_batch: PrepareBatch | None = None,
 ) -> list[dict]:
     """Train until the epochs run out or validation macro-F1 stops improving; leaves the best
-    weights in `model` and returns the per-epoch history."""
+    weights in `model` and returns the per-epoch history. prepare_batch: each batch's data is
+    made ahead on a background thread (made_ahead), in order and from `rng` as batch_loss
+    would have drawn it, and batch_loss gets what it made."""
     trained = DistributedDataParallel(model) if context.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     first_batches = train_batches(rng)
@@ -120,22 +178,24 @@ def fit(
             seed=config.seed,
         )
         sampler.set_epoch(epoch)
-        bar = tqdm(
-            [batches[i] for i in sampler], desc=f"{task} epoch {epoch}/{config.epochs}",
-            disable=not progress, leave=False, unit="batch",
-        )
-        for index in bar:
-            loss = batch_loss(trained, index, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(gradient_norms(model))
-            if config.clip_grad_norm > 0:
-                total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-                clipped += int(total_norm > config.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        chosen = [batches[i] for i in sampler]
+        source = chosen if prepare_batch is None else made_ahead(
+            lambda i, chosen=chosen: prepare_batch(chosen[i], rng), len(chosen))
+        bar = tqdm(source, total=len(chosen), desc=f"{task} epoch {epoch}/{config.epochs}",
+                   disable=not progress, leave=False, unit="batch")
+        with core_left_free() if prepare_batch is not None else nullcontext():
+            for batch in bar:
+                loss = batch_loss(trained, batch, rng)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norms.append(gradient_norms(model))
+                if config.clip_grad_norm > 0:
+                    total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                    clipped += int(total_norm > config.clip_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         validation_loss, predictions = predict(
             model, validation_batches, validation_scores, len(validation_labels), context
         )

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import queue
-import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,6 +44,7 @@ from training.data.streams import (
     sentence_keyword_frames,
 )
 from training.keywords import clip_frames, clip_logits
+from training.loop import core_left_free, made_ahead
 
 log = logging.getLogger(__name__)
 
@@ -275,42 +274,12 @@ class StreamTrainer:
         chunks = -(-features.shape[1] // settings.chunk_frames)
         return features, targets, windows, weights, resets, [self._clip_batch() for _ in range(chunks)]
 
-    def _prepared(self, count: int, ahead: int = 2):
-        """`count` batches (_batch), made in order by a background thread while the model trains
-        on the ones before: composing, augmenting and the log-mel front end (numpy and scipy,
-        which release the interpreter lock) take as long as the model's steps. The thread alone
-        draws from self.rng while the round runs, so a run is as reproducible as in one thread."""
-        made: queue.Queue = queue.Queue(maxsize=ahead)
-        stop = threading.Event()
-
-        def hand_over(item) -> bool:
-            while not stop.is_set():
-                try:
-                    made.put(item, timeout=0.5)
-                    return True
-                except queue.Full:
-                    continue
-            return False  # the training thread stopped taking batches
-
-        def produce():
-            try:
-                for _ in range(count):
-                    if stop.is_set() or not hand_over(("batch", self._batch())):
-                        return
-            except BaseException as error:  # handed to the training thread, which raises it
-                hand_over(("error", error))
-
-        worker = threading.Thread(target=produce, name="stream-batches", daemon=True)
-        worker.start()
-        try:
-            for _ in range(count):
-                kind, value = made.get()
-                if kind == "error":
-                    raise value
-                yield value
-        finally:
-            stop.set()
-            worker.join()
+    def _prepared(self, count: int):
+        """`count` batches (_batch), made in order on a background thread (training.loop.made_ahead)
+        while the model trains on the ones before: composing, augmenting and the log-mel front end
+        take as long as the model's steps. That thread alone draws from self.rng while the round
+        runs, so a run is as reproducible as in one thread."""
+        return made_ahead(lambda _: self._batch(), count, name="stream-batches")
 
     def train(self) -> list[dict]:
         settings, model = self.settings, self.model
@@ -325,12 +294,8 @@ class StreamTrainer:
         from tqdm.auto import tqdm
 
         # The batches are made on a thread of their own (_prepared): leave it a core.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads - 1))
-        try:
+        with core_left_free():
             return self._rounds(model, optimizer, scheduler, history, best, state, tqdm)
-        finally:
-            torch.set_num_threads(threads)
 
     def _rounds(self, model, optimizer, scheduler, history, best, state, tqdm) -> list[dict]:
         settings = self.settings
