@@ -343,9 +343,10 @@ class StreamTrainer:
                    "validation": validation}
             history.append(row)
             log.info("round %d: stream loss %.3f, clip loss %.3f, %d hard negatives added; validation recall %.3f at "
-                     "%.2f false alarms/h (%s); %.3f at <= 5/h, %.3f at <= 20/h", round_number, row["stream_loss"],
-                     row["clip_loss"], mined, validation["recall"], validation["false_alarms_per_hour"],
-                     validation["detector"], validation["recall_at_5_per_hour"], validation["recall_at_20_per_hour"])
+                     "%.2f false alarms/h (%s; by delivery %s); %.3f at <= 5/h, %.3f at <= 20/h", round_number,
+                     row["stream_loss"], row["clip_loss"], mined, validation["recall"],
+                     validation["false_alarms_per_hour"], validation["detector"], validation["recall_by_delivery"],
+                     validation["recall_at_5_per_hour"], validation["recall_at_20_per_hour"])
             fits = validation["false_alarms_per_hour"] <= 2.0
             key = (fits, validation["recall"], -validation["false_alarms_per_hour"])
             if best is None or key > best[0]:
@@ -385,4 +386,5 @@ class StreamTrainer:
         # Recall at looser budgets too: the trend between rounds, less at the mercy of a few alarms.
         looser = {f"recall_at_{budget:g}_per_hour": choose(results, budget)[1]["recall"] for budget in (5.0, 20.0)}
         return {"recall": result["recall"], "false_alarms_per_hour": result["false_alarms_per_hour"],
+                "recall_by_delivery": result.get("recall_by_delivery", {}),
                 "detector": {"threshold": chosen.threshold, "smoothing_ms": chosen.smoothing_ms}, **looser}
