@@ -35,6 +35,7 @@ from training.augment import Augmenter
 from training.data.streams import (
     MAX_POOL_AFTER_END_S,
     MAX_POOL_BEFORE_END_S,
+    SAMPLE_RATE_HZ,
     Bank,
     Mix,
     compose,
@@ -82,6 +83,11 @@ class ContinuousSpeechTraining:
     # cross_entropy: a keyword's frames start this long after its end (the model must hear
     # whether speech goes on before it fires; 0: at its end)
     target_delay_s: float = 0.0
+    # cross_entropy: the frames ending in the last this-many seconds of a keyword (not before its
+    # start) are left free instead of learnt as _unknown_. A detection there is a hit (the matcher
+    # counts from the keyword's start), and a keyword said inside a sentence has no pause after
+    # it to tell the model it has ended. 0: every frame of a keyword is _unknown_, as before.
+    free_keyword_s: float = 0.0
     keyword_weight: float = 4.0  # loss weight of a keyword's frames (they are rare)
     # cross_entropy: the loss weight of the frames of a keyword said inside a sentence, which the
     # model finds far harder than a command (None: keyword_weight)
@@ -126,6 +132,20 @@ def max_pool_targets(recording, frames: int, hop_samples: int, window_samples: i
     for _, first, last in windows:
         targets[first : last + 1] = IGNORED
     return targets, windows
+
+
+def free_keyword_frames(targets: np.ndarray, recording, hop_samples: int, window_samples: int,
+                        labels: list[str], seconds: float) -> np.ndarray:
+    """`targets` [frames] (frame_targets) with the background frames that end in the last
+    `seconds` of each keyword, and after its start, left free (IGNORED)."""
+    if seconds <= 0:
+        return targets
+    ends = (np.arange(len(targets)) * hop_samples + window_samples) / SAMPLE_RATE_HZ
+    background = np.isin(targets, [index for index, label in enumerate(labels) if label.startswith("_")])
+    freed = targets.copy()
+    for _, start, end in recording.keywords:
+        freed[(ends > max(start, end - seconds)) & (ends < end) & background] = IGNORED
+    return freed
 
 
 def pick_maxima(logits: torch.Tensor, targets: torch.Tensor, windows: list[list[tuple[int, int, int]]],
@@ -239,8 +259,11 @@ class StreamTrainer:
                      for r in recordings]
             targets, windows = np.stack([t for t, _ in built]), [w for _, w in built]
         else:
-            targets = np.stack([frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels,
-                                              settings.target_delay_s) for r in recordings])
+            targets = np.stack([free_keyword_frames(
+                frame_targets(r, frames, config.hop_samples, config.window_samples, self.labels,
+                              settings.target_delay_s),
+                r, config.hop_samples, config.window_samples, self.labels, settings.free_keyword_s)
+                for r in recordings])
             windows = None
         # Per-frame loss weights: the class weight, 0 on a frame the loss leaves free.
         weights = self.weights[torch.from_numpy(np.where(targets == IGNORED, 0, targets))]

@@ -26,6 +26,7 @@ from training.stream_training import (
     STREAM_LOSSES,
     ContinuousSpeechTraining,
     frame_logits,
+    free_keyword_frames,
     max_pool_targets,
     pick_maxima,
     weighted_cross_entropy,
@@ -205,6 +206,24 @@ def test_sentence_keyword_frames_are_the_target_frames_of_keywords_said_in_a_sen
     assert marked.any() and (on & ~marked).any()  # the frames "go" took over are not marked
     assert not sentence_keyword_frames(Recording(recording.samples, keywords, recording.speech), frames, HOP,
                                        WINDOW).any()  # no delivery recorded: all commands
+
+
+def test_free_keyword_frames_leave_the_end_of_each_keyword_free_and_nothing_else():
+    # "stop" from 1.0 to 1.5 s; "go" from 3.0 to 3.1 s, shorter than the freed stretch.
+    recording = Recording(np.zeros(5 * 16000, np.float32), [("stop", 1.0, 1.5), ("go", 3.0, 3.1)],
+                          [(0.9, 1.5), (2.5, 3.6)])
+    frames = (len(recording.samples) - WINDOW) // HOP + 1
+    ends = _frame_ends(frames)
+    targets = frame_targets(recording, frames, HOP, WINDOW, LABELS)
+    np.testing.assert_array_equal(free_keyword_frames(targets, recording, HOP, WINDOW, LABELS, 0.0), targets)
+    freed = free_keyword_frames(targets, recording, HOP, WINDOW, LABELS, 0.2)
+    expected = ((ends > 1.3) & (ends < 1.5)) | ((ends > 3.0) & (ends < 3.1))
+    np.testing.assert_array_equal(freed == IGNORED, expected)
+    assert expected.sum() == 15  # frames ending 1.31 .. 1.49 s and 3.01 .. 3.09 s
+    # Everything else keeps its target: the keywords' own frames after their ends among them.
+    np.testing.assert_array_equal(freed[~expected], targets[~expected])
+    assert (targets[expected] == LABELS.index(UNKNOWN)).all()
+    assert (freed == LABELS.index("stop")).sum() == (targets == LABELS.index("stop")).sum() > 0
 
 
 def test_weighted_cross_entropy_is_class_weighted_cross_entropy_and_weights_each_frame():
