@@ -291,9 +291,10 @@ def _plan_description(plan: BankPlan) -> dict:
 class StreamDataConfig:
     plans: dict = field(default_factory=lambda: {
         # Festival's two diphone voices at many pitches (keywords/5's bank had 12 takes, 40 near
-        # misses, 600 s of prose and 80 sentences per voice, at the voices' own pitch).
+        # misses, 600 s of prose and 80 sentences per voice, at the voices' own pitch), and 12
+        # keyword sentences per espeak-ng speaker (7,128; keywords/5's bank had 4).
         "train": BankPlan(1, 5, 22.0, festival_keyword_takes=40, festival_near_miss_words=120,
-                          festival_prose_seconds=1800.0, sentences=4, festival_sentences=300,
+                          festival_prose_seconds=1800.0, sentences=12, festival_sentences=300,
                           festival_f0_hz=(75.0, 230.0)),
         # Held-out prose of the training speakers: where hard negatives are mined.
         "mining": BankPlan(0, 0, 8.0),
