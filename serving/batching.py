@@ -321,18 +321,24 @@ class Batcher:
 
     def _instance(self, runner: Callable[[list[object]], list[object]]) -> None:
         while (jobs := self.scheduler.next_batch()) is not None:
-            call_s = None
+            call_s, outcomes, idle = None, [], False
             try:
                 live = self._live(jobs)
                 if live:
                     started = time.perf_counter()
-                    self._execute(runner, live)
+                    outcomes = self._execute(runner, live)
                     call_s = time.perf_counter() - started
+                # Idle before the answers go out: a request sent after an answer came back finds
+                # this instance idle (and is held for a batch), not busy (and run at once).
+                self.scheduler.finished(call_s)
+                idle = True
+                deliver(outcomes)
             except Exception as error:  # keep this instance serving; whoever still waits hears why
                 log.exception("model %r: an instance failed outside the model call", self.name)
                 deliver([(job, None, error) for job in jobs if not job.done])
             finally:
-                self.scheduler.finished(call_s)
+                if not idle:
+                    self.scheduler.finished(call_s)
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs someone still waits for; those past their deadline get DEADLINE_EXCEEDED."""
@@ -354,7 +360,8 @@ class Batcher:
         deliver(expired)
         return live
 
-    def _execute(self, runner: Callable[[list[object]], list[object]], live: list[Job]) -> None:
+    def _execute(self, runner: Callable[[list[object]], list[object]], live: list[Job]) -> list[tuple]:
+        """Run one batch: (job, result, error) for each of its jobs, for the caller to deliver."""
         if self.track_busy is not None:
             self.track_busy(1)
         started = time.perf_counter()
@@ -363,8 +370,7 @@ class Batcher:
             if len(results) != len(live):  # a runner bug must still answer every waiting request
                 raise RuntimeError(f"model {self.name!r}: {len(results)} results for {len(live)} jobs")
         except BaseException as error:  # every waiting request gets the error
-            deliver([(job, None, error) for job in live])
-            return
+            return [(job, None, error) for job in live]
         finally:
             if self.track_busy is not None:
                 self.track_busy(-1)
@@ -384,4 +390,4 @@ class Batcher:
                 outcomes.append((job, job.then(result), None))
             except Exception as error:  # this job's own post-processing failed: only it gets the error
                 outcomes.append((job, None, error))
-        deliver(outcomes)
+        return outcomes
