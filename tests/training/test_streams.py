@@ -11,7 +11,9 @@ import pytest
 
 from training.data.speech import KEYWORDS, LABELS, SILENCE, UNKNOWN, Speaker, synthesize, synthesize_timed
 from training.data.streams import (
+    ACCENT_SPELLINGS,
     CARRIER_PHRASES,
+    FESTIVAL_ACCENTED_VOICES,
     FESTIVAL_HELD_OUT_VOICE,
     FESTIVAL_TRAINING_VOICES,
     HELD_OUT,
@@ -23,12 +25,17 @@ from training.data.streams import (
     Mix,
     Recording,
     Voice,
+    StreamDataConfig,
+    StreamDataError,
+    _festival_job,
     _plan_description,
+    bank_voices,
     compose,
     evaluation_recordings,
     festival_available,
     festival_synthesize,
     festival_synthesize_timed,
+    festival_voice_installed,
     frame_targets,
     keyword_sentence,
     speakable,
@@ -245,3 +252,55 @@ def test_a_share_of_recordings_has_a_festival_voice_among_its_speakers():
     # What a recording holds is said by its voices only: every keyword take it placed is theirs.
     recording = compose(bank, 20.0, np.random.default_rng(5), replace(QUIET, festival_voice=1.0))
     assert recording.keywords and "festival:x" in recording.voices
+
+
+def test_the_train_plan_adds_the_accented_voices_and_the_held_out_engine_stays_out():
+    plan = replace(StreamDataConfig().plans["train"], accented_voices=True)
+    _, festival = bank_voices("train", plan)
+    assert set(festival) == {*FESTIVAL_TRAINING_VOICES, *FESTIVAL_ACCENTED_VOICES}
+    assert FESTIVAL_HELD_OUT_VOICE not in festival
+    _, without = bank_voices("train", replace(plan, accented_voices=False))
+    assert without == list(FESTIVAL_TRAINING_VOICES)
+    assert bank_voices(HELD_OUT, StreamDataConfig().plans[HELD_OUT])[1] == [FESTIVAL_HELD_OUT_VOICE]
+    assert all(Voice("festival", voice).split == "train" for voice in FESTIVAL_ACCENTED_VOICES)
+    # A plan without them keeps the digest it had before the setting.
+    assert "accented_voices" not in _plan_description(replace(plan, accented_voices=False))
+    # Every language respells every keyword, each as one word that is no other keyword's.
+    for spellings in ACCENT_SPELLINGS.values():
+        assert sorted(spellings) == sorted(KEYWORDS)
+        assert len(set(spellings.values())) == len(KEYWORDS)
+        assert all(re.fullmatch(r"[a-z]+", said) for said in spellings.values())
+
+
+_ONE_PER_LANGUAGE = ["lp_diphone", "suo_fi_lj_diphone", "czech_dita"]
+
+
+@pytest.mark.skipif(not all(map(festival_voice_installed, _ONE_PER_LANGUAGE)),
+                    reason="Debian festvox packages; .ci/run installs them")
+def test_accented_voices_say_respelled_keywords_labelled_as_the_keyword_and_time_them_in_sentences():
+    plan = BankPlan(0, 0, 10.0, festival_keyword_takes=1, festival_near_miss_words=2, festival_prose_seconds=10.0,
+                    festival_sentences=10, festival_f0_hz=(75.0, 230.0), accented_voices=True)
+    sentences = [speakable("The minister said on Tuesday that the report was left unfinished by the committee"),
+                 speakable("Shares in the company rose by a third after the results were published")]
+    for voice in _ONE_PER_LANGUAGE:
+        parts = _festival_job((voice, plan, sentences, StreamDataConfig(), [3, 1]))
+        assert all(part[2] == f"festival:{voice}" for part in parts)
+        said = [part for part in parts if part[0] == "keyword"]
+        assert sorted(part[1] for part in said) == sorted(KEYWORDS)
+        assert all(0.08 < len(part[3]) / 16000 < 1.2 and np.abs(part[3]).max() > 0.05 for part in said)
+        timed = [part for part in parts if part[0] == "sentence"]
+        assert len(timed) >= 8 and {part[1] for part in timed} <= set(KEYWORDS)
+        for _, _, _, samples, (start, end) in timed:
+            assert 0 <= start < end <= len(samples) / 16000 and 0.08 < end - start < 1.0
+            assert np.abs(samples[round(start * 16000) : round(end * 16000)]).max() > 0.05
+
+
+@pytest.mark.skipif(not festival_voice_installed("lp_diphone"), reason="Debian festvox packages; .ci/run installs them")
+def test_an_utterance_festival_fails_on_is_skipped_only_when_asked_and_the_rest_are_spoken():
+    # The Italian voice fails on this text (an error inside Festival, no wave).
+    failing = "The service will be supported by banner ads. Do u have to also add me?"
+    items = [("stop now", 1.0), (failing, 1.0), ("go now", 1.0)]
+    first, failed, last = festival_synthesize("lp_diphone", items, skip_failures=True)
+    assert failed is None and len(first) > 1600 and len(last) > 1600
+    with pytest.raises(StreamDataError, match="lp_diphone"):
+        festival_synthesize("lp_diphone", items)

@@ -56,6 +56,25 @@ from training.data.speech import (
 )
 
 FESTIVAL_TRAINING_VOICES = ("kal_diphone", "ked_diphone")
+# Festival's voices of other languages (Debian's festvox packages), saying English with an accent:
+# the keywords respelled for each language's letter-to-sound rules, as a speaker of it would say
+# them ("ies" is Italian for /jes/), the rest of a text read by those rules as it stands. They are
+# the only other voices made from recordings of people: female, male and a child's, beside the two
+# English diphone voices (both male). Training voices, in the train bank when its plan says so.
+ACCENT_SPELLINGS = {
+    "italian": {"yes": "ies", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait",
+                "on": "on", "off": "off", "stop": "stop", "go": "gou"},
+    "finnish": {"yes": "jes", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait",
+                "on": "on", "off": "off", "stop": "stop", "go": "gou"},
+    "czech": {"yes": "jes", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rajt",
+              "on": "on", "off": "off", "stop": "stop", "go": "gou"},
+}
+FESTIVAL_ACCENTED_VOICES = {
+    "lp_diphone": "italian", "pc_diphone": "italian", "suo_fi_lj_diphone": "finnish", "hy_fi_mv_diphone": "finnish",
+    "czech_dita": "czech", "czech_krb": "czech", "czech_machac": "czech", "czech_ph": "czech",
+}
+FESTIVAL_ACCENT_PACKAGES = ("festvox-italp16k festvox-itapc16k festvox-suopuhe-lj festvox-suopuhe-mv "
+                            "festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-czech-ph")
 # Never in training or tuning: the cross-engine test.
 FESTIVAL_HELD_OUT_VOICE = "cmu_us_slt_arctic_hts"
 HELD_OUT = "held_out_engine"
@@ -161,27 +180,35 @@ def festival_available() -> bool:
     return shutil.which("festival") is not None
 
 
+def festival_voice_installed(voice: str) -> bool:
+    """Whether Debian's festvox package of `voice` is installed (where Debian puts voices)."""
+    return festival_available() and any(Path("/usr/share/festival/voices").glob(f"*/{voice}"))
+
+
 def _scheme_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def festival_synthesize(voice: str, items: list[tuple[str, float]],
-                        pitches: list[tuple[float, float] | None] | None = None) -> list[np.ndarray]:
+                        pitches: list[tuple[float, float] | None] | None = None,
+                        skip_failures: bool = False) -> list[np.ndarray | None]:
     """(text, duration stretch) pairs spoken by a Festival voice in one Festival process, as
     float32 at 16 kHz, leading and trailing silence trimmed. pitches: per item, the target f0
     mean and standard deviation in Hz, or None for the voice's own. (The diphone voices honour
-    stretch and pitch; the HTS voice keeps its own rate and intonation.)"""
-    return [samples for samples, _ in _festival_run(voice, items, [None] * len(items), pitches)]
+    stretch and pitch; the HTS voice keeps its own rate and intonation.) skip_failures: an item
+    Festival fails on is None, not an error (the accented voices fail on a few English texts)."""
+    return [None if spoken is None else spoken[0]
+            for spoken in _festival_run(voice, items, [None] * len(items), pitches, skip_failures)]
 
 
 def festival_synthesize_timed(voice: str, items: list[tuple[str, float, str]],
-                              pitches: list[tuple[float, float] | None] | None = None
-                              ) -> list[tuple[np.ndarray, float, float]]:
+                              pitches: list[tuple[float, float] | None] | None = None,
+                              skip_failures: bool = False) -> list[tuple[np.ndarray, float, float] | None]:
     """(text, duration stretch, word) triples, as festival_synthesize, each with where its `word`
     (said once in the text) lies: (samples, start_s, end_s), from Festival's own segment times."""
     spoken = _festival_run(voice, [(text, stretch) for text, stretch, _ in items], [word for *_, word in items],
-                           pitches)
-    return [(samples, *span) for samples, span in spoken]
+                           pitches, skip_failures)
+    return [None if said is None else (said[0], *said[1]) for said in spoken]
 
 
 # The linear-regression intonation model's own f0 statistics in Festival's diphone voices
@@ -190,13 +217,15 @@ _FESTIVAL_MODEL_F0 = (170.0, 34.0)
 
 
 def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | None],
-                  pitches: list[tuple[float, float] | None] | None = None):
+                  pitches: list[tuple[float, float] | None] | None = None, skip_failures: bool = False):
     if not festival_available():
         raise StreamDataError("Festival is not installed (Debian: apt-get install festival festvox-kallpc16k "
                               "festvox-kdlpc16k festvox-us-slt-hts)")
     with tempfile.TemporaryDirectory(prefix="rnnserve-festival-") as folder:
         lines = [f"(voice_{voice})"]
         for index, (text, stretch) in enumerate(items):
+            # Each item in unwind-protect: an error in one (its wave then missing) leaves the rest.
+            lines.append("(unwind-protect (begin")
             lines.append(f"(Parameter.set 'Duration_Stretch {stretch:.3f})")
             if pitches is not None and pitches[index] is not None:
                 mean, deviation = pitches[index]
@@ -212,12 +241,16 @@ def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | 
                              '(item.feat w "R:SylStructure.daughtern.daughtern.segment_end"))) '
                              "(utt.relation.items utt 'Word))")
                 lines.append("(fclose fd)")
+            lines.append(") nil)")
         script = Path(folder) / "speak.scm"
         script.write_text("\n".join(lines) + "\n")
         result = subprocess.run(["festival", "-b", str(script)], capture_output=True, timeout=3600, check=False)
         outputs = []
         for index in range(len(items)):
             path = Path(folder) / f"{index}.wav"
+            if not path.is_file() and skip_failures:
+                outputs.append(None)
+                continue
             if not path.is_file():
                 raise StreamDataError(f"Festival ({voice}) failed on {items[index][0]!r}: "
                                       f"{result.stderr.decode(errors='replace')[:300]}")
@@ -227,8 +260,13 @@ def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | 
             if words[index] is None:
                 outputs.append((trim_silence(samples), None))
                 continue
-            times = [line.split() for line in (Path(folder) / f"{index}.words").read_text().splitlines()]
+            timing = Path(folder) / f"{index}.words"
+            times = ([line.split() for line in timing.read_text(encoding="latin-1").splitlines()]
+                     if timing.is_file() else [])
             found = [(float(t[1]), float(t[2])) for t in times if len(t) == 3 and t[0].lower() == words[index]]
+            if len(found) != 1 and skip_failures:
+                outputs.append(None)
+                continue
             if len(found) != 1:
                 raise StreamDataError(f"Festival ({voice}) said {words[index]!r} {len(found)} times in "
                                       f"{items[index][0]!r}")
@@ -236,6 +274,9 @@ def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | 
                 trimmed, start, end = timed_trim(samples, round(found[0][0] * SAMPLE_RATE_HZ),
                                                   round(found[0][1] * SAMPLE_RATE_HZ))
             except SynthesisError as error:
+                if skip_failures:
+                    outputs.append(None)
+                    continue
                 raise StreamDataError(f"Festival ({voice}) on {items[index][0]!r}: {error}") from None
             outputs.append((trimmed, (start, end)))
         return outputs
@@ -275,11 +316,14 @@ class BankPlan:
     # Festival diphone voices: each utterance at a target f0 mean drawn from this range (Hz), its
     # spread 6-20% of it; None: the voice's own intonation
     festival_f0_hz: tuple[float, float] | None = None
+    # The train split: Festival's voices of other languages (FESTIVAL_ACCENTED_VOICES) too, each
+    # with the Festival amounts above, at its own pitch
+    accented_voices: bool = False
 
 
 # BankPlan fields added after bank version 3: they enter a bank's digest only when set, so that
 # the banks made before them keep their folders.
-_LATER_PLAN_FIELDS = {"festival_f0_hz": None}
+_LATER_PLAN_FIELDS = {"festival_f0_hz": None, "accented_voices": False}
 
 
 def _plan_description(plan: BankPlan) -> dict:
@@ -455,8 +499,12 @@ def _festival_job(job) -> list[tuple]:
     # the plans that set none are spoken exactly as before the setting existed.
     pitch_rng = np.random.default_rng([*np.atleast_1d(seed), 7])
 
+    spellings = ACCENT_SPELLINGS.get(FESTIVAL_ACCENTED_VOICES.get(voice, ""), {})
+
     def pitch() -> tuple[float, float] | None:
-        if plan.festival_f0_hz is None:
+        # (The accented voices' intonation models are their languages' own, not the f0 model
+        # whose statistics the targets are mapped from.)
+        if plan.festival_f0_hz is None or spellings:
             return None
         mean = float(pitch_rng.uniform(*plan.festival_f0_hz))
         return mean, mean * float(pitch_rng.uniform(0.06, 0.2))
@@ -464,7 +512,7 @@ def _festival_job(job) -> list[tuple]:
     items, meta, pitches = [], [], []
     for keyword in KEYWORDS:
         for _ in range(plan.festival_keyword_takes):
-            items.append((keyword, float(rng.uniform(*config.festival_stretch))))
+            items.append((spellings.get(keyword, keyword), float(rng.uniform(*config.festival_stretch))))
             meta.append(("keyword", keyword))
             pitches.append(pitch())
     words = rng.choice(NEAR_MISSES, size=plan.festival_near_miss_words) if plan.festival_near_miss_words else []
@@ -477,17 +525,23 @@ def _festival_job(job) -> list[tuple]:
         meta.append(("prose", UNKNOWN))
         pitches.append(pitch())
     name = f"festival:{voice}"
+    skip = bool(spellings)
     out = [(kind, label, name, samples)
-           for (kind, label), samples in zip(meta, festival_synthesize(voice, items, pitches), strict=True)]
-    timed, timed_pitches = [], []
+           for (kind, label), samples in zip(meta, festival_synthesize(voice, items, pitches, skip), strict=True)
+           if samples is not None]
+    timed, timed_pitches, labels = [], [], []
     for keyword in _keyword_turns(plan.festival_sentences, rng):
-        text, _ = keyword_sentence(keyword, sentences, rng)
-        timed.append((text, float(rng.uniform(*config.festival_stretch)), keyword))
+        text, at = keyword_sentence(keyword, sentences, rng)
+        said = spellings.get(keyword, keyword)
+        text = text[:at] + said + text[at + len(keyword):]
+        timed.append((text, float(rng.uniform(*config.festival_stretch)), said))
+        labels.append(keyword)
         timed_pitches.append(pitch())
     if timed:
-        out.extend(("sentence", item[2], name, samples, (start, end))
-                   for item, (samples, start, end) in zip(timed, festival_synthesize_timed(voice, timed, timed_pitches),
-                                                          strict=True))
+        out.extend(("sentence", label, name, said[0], said[1:])
+                   for label, said in zip(labels, festival_synthesize_timed(voice, timed, timed_pitches, skip),
+                                          strict=True)
+                   if said is not None)
     return out
 
 
@@ -505,6 +559,8 @@ def bank_voices(split: str, plan: BankPlan) -> tuple[list[Speaker], list[str]]:
     festival = []
     if plan.festival_keyword_takes or plan.festival_prose_seconds or plan.festival_sentences:
         festival = list(FESTIVAL_TRAINING_VOICES) if split == "train" else [FESTIVAL_HELD_OUT_VOICE]
+        if split == "train" and plan.accented_voices:
+            festival += list(FESTIVAL_ACCENTED_VOICES)
     return chosen, festival
 
 
@@ -540,6 +596,10 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
             sentences = prose_sentences()
         text_split = "test" if split == HELD_OUT else split
         chosen, festival = bank_voices(split, plan)
+        missing = [voice for voice in festival if voice in FESTIVAL_ACCENTED_VOICES and not festival_voice_installed(voice)]
+        if missing:
+            raise StreamDataError(f"Festival voices {', '.join(missing)} are not installed (Debian: apt-get install "
+                                  f"{FESTIVAL_ACCENT_PACKAGES})")
         jobs = [("espeak", speaker, plan, sentences[text_split], config,
                  [config.seed, int(hashlib.sha256(f"{split}:{speaker.name}".encode()).hexdigest()[:8], 16)])
                 for speaker in chosen]
@@ -552,7 +612,7 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
                                  festival_near_miss_words=plan.festival_near_miss_words if piece == 0 else 0,
                                  festival_prose_seconds=plan.festival_prose_seconds / pieces,
                                  festival_sentences=plan.festival_sentences if piece == min(1, pieces - 1) else 0,
-                                 festival_f0_hz=plan.festival_f0_hz)
+                                 festival_f0_hz=plan.festival_f0_hz, accented_voices=plan.accented_voices)
                 salt = int(hashlib.sha256(f"{split}:{voice}".encode()).hexdigest()[:8], 16)
                 jobs.append(("festival", voice, share, sentences[text_split], config, [config.seed, piece, salt]))
         # Festival jobs are the longest: start them first.
