@@ -596,7 +596,8 @@ def build_banks(cache_dir: Path, config: StreamDataConfig = StreamDataConfig(), 
             sentences = prose_sentences()
         text_split = "test" if split == HELD_OUT else split
         chosen, festival = bank_voices(split, plan)
-        missing = [voice for voice in festival if voice in FESTIVAL_ACCENTED_VOICES and not festival_voice_installed(voice)]
+        missing = [voice for voice in festival
+                   if voice in FESTIVAL_ACCENTED_VOICES and not festival_voice_installed(voice)]
         if missing:
             raise StreamDataError(f"Festival voices {', '.join(missing)} are not installed (Debian: apt-get install "
                                   f"{FESTIVAL_ACCENT_PACKAGES})")
