@@ -166,6 +166,8 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                     request = await next_request()
                 except TimeoutError:
                     reason = "idle"
+                    # Freed before the status goes out, so that a client that sees it finds the state gone.
+                    streams.close(stream, reason)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"stream idle for {idle_s:g} s (limit stream_idle_timeout_s); state freed")
                 if request is None:
