@@ -336,10 +336,11 @@ class StreamDataConfig:
     plans: dict = field(default_factory=lambda: {
         # Festival's two diphone voices at many pitches (keywords/5's bank had 12 takes, 40 near
         # misses, 600 s of prose and 80 sentences per voice, at the voices' own pitch), and 12
-        # keyword sentences per espeak-ng speaker (7,128; keywords/5's bank had 4).
+        # keyword sentences per espeak-ng speaker (7,128; keywords/5's bank had 4). Since keywords/7
+        # the accented Festival voices speak too, as much as each diphone voice.
         "train": BankPlan(1, 5, 22.0, festival_keyword_takes=40, festival_near_miss_words=120,
                           festival_prose_seconds=1800.0, sentences=12, festival_sentences=300,
-                          festival_f0_hz=(75.0, 230.0)),
+                          festival_f0_hz=(75.0, 230.0), accented_voices=True),
         # Held-out prose of the training speakers: where hard negatives are mined.
         "mining": BankPlan(0, 0, 8.0),
         # Prose enough (about 5 h) that the <= 2 false alarms/h operating point, keyword thresholds
