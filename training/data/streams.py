@@ -61,13 +61,12 @@ FESTIVAL_TRAINING_VOICES = ("kal_diphone", "ked_diphone")
 # them ("ies" is Italian for /jes/), the rest of a text read by those rules as it stands. They are
 # the only other voices made from recordings of people: female, male and a child's, beside the two
 # English diphone voices (both male). Training voices, in the train bank when its plan says so.
+_ACCENT_SPELLING = {"yes": "jes", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait",
+                    "on": "on", "off": "off", "stop": "stop", "go": "gou"}
 ACCENT_SPELLINGS = {
-    "italian": {"yes": "ies", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait",
-                "on": "on", "off": "off", "stop": "stop", "go": "gou"},
-    "finnish": {"yes": "jes", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait",
-                "on": "on", "off": "off", "stop": "stop", "go": "gou"},
-    "czech": {"yes": "jes", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rajt",
-              "on": "on", "off": "off", "stop": "stop", "go": "gou"},
+    "italian": {**_ACCENT_SPELLING, "yes": "ies"},
+    "finnish": _ACCENT_SPELLING,
+    "czech": {**_ACCENT_SPELLING, "right": "rajt"},
 }
 FESTIVAL_ACCENTED_VOICES = {
     "lp_diphone": "italian", "pc_diphone": "italian", "suo_fi_lj_diphone": "finnish", "hy_fi_mv_diphone": "finnish",
@@ -247,39 +246,38 @@ def _festival_run(voice: str, items: list[tuple[str, float]], words: list[str | 
         result = subprocess.run(["festival", "-b", str(script)], capture_output=True, timeout=3600, check=False)
         outputs = []
         for index in range(len(items)):
-            path = Path(folder) / f"{index}.wav"
-            if not path.is_file() and skip_failures:
-                outputs.append(None)
-                continue
-            if not path.is_file():
-                raise StreamDataError(f"Festival ({voice}) failed on {items[index][0]!r}: "
-                                      f"{result.stderr.decode(errors='replace')[:300]}")
-            samples, rate = soundfile.read(path, dtype="float32")
-            if rate != SAMPLE_RATE_HZ:
-                samples = soxr.resample(samples, rate, SAMPLE_RATE_HZ).astype(np.float32)
-            if words[index] is None:
-                outputs.append((trim_silence(samples), None))
-                continue
-            timing = Path(folder) / f"{index}.words"
-            times = ([line.split() for line in timing.read_text(encoding="latin-1").splitlines()]
-                     if timing.is_file() else [])
-            found = [(float(t[1]), float(t[2])) for t in times if len(t) == 3 and t[0].lower() == words[index]]
-            if len(found) != 1 and skip_failures:
-                outputs.append(None)
-                continue
-            if len(found) != 1:
-                raise StreamDataError(f"Festival ({voice}) said {words[index]!r} {len(found)} times in "
-                                      f"{items[index][0]!r}")
             try:
-                trimmed, start, end = timed_trim(samples, round(found[0][0] * SAMPLE_RATE_HZ),
-                                                  round(found[0][1] * SAMPLE_RATE_HZ))
-            except SynthesisError as error:
-                if skip_failures:
-                    outputs.append(None)
-                    continue
-                raise StreamDataError(f"Festival ({voice}) on {items[index][0]!r}: {error}") from None
-            outputs.append((trimmed, (start, end)))
+                outputs.append(_festival_output(Path(folder), index, voice, items[index][0], words[index], result))
+            except StreamDataError:
+                if not skip_failures:
+                    raise
+                outputs.append(None)
         return outputs
+
+
+def _festival_output(folder: Path, index: int, voice: str, text: str, word: str | None, result
+                     ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Item `index` of a Festival run: its samples at 16 kHz, trimmed, and where `word` lies."""
+    path = folder / f"{index}.wav"
+    if not path.is_file():
+        raise StreamDataError(f"Festival ({voice}) failed on {text!r}: {result.stderr.decode(errors='replace')[:300]}")
+    samples, rate = soundfile.read(path, dtype="float32")
+    if rate != SAMPLE_RATE_HZ:
+        samples = soxr.resample(samples, rate, SAMPLE_RATE_HZ).astype(np.float32)
+    if word is None:
+        return trim_silence(samples), None
+    timing = folder / f"{index}.words"
+    # (latin-1: the word names of voices of other languages are not UTF-8)
+    times = [line.split() for line in timing.read_text(encoding="latin-1").splitlines()] if timing.is_file() else []
+    found = [(float(t[1]), float(t[2])) for t in times if len(t) == 3 and t[0].lower() == word]
+    if len(found) != 1:
+        raise StreamDataError(f"Festival ({voice}) said {word!r} {len(found)} times in {text!r}")
+    try:
+        trimmed, start, end = timed_trim(samples, round(found[0][0] * SAMPLE_RATE_HZ),
+                                          round(found[0][1] * SAMPLE_RATE_HZ))
+    except SynthesisError as error:
+        raise StreamDataError(f"Festival ({voice}) on {text!r}: {error}") from None
+    return trimmed, (start, end)
 
 
 def keyword_sentence(keyword: str, sentences: list[str], rng: np.random.Generator) -> tuple[str, int]:
