@@ -25,6 +25,7 @@ from training.stream_training import (
     IGNORED,
     STREAM_LOSSES,
     ContinuousSpeechTraining,
+    WeightAverage,
     frame_logits,
     free_keyword_frames,
     max_pool_targets,
@@ -185,6 +186,37 @@ def test_a_round_of_stream_training_learns_with_either_loss(loss, sentence_weigh
     assert 0.0 <= row["validation"]["recall"] <= row["validation"]["recall_at_20_per_hour"] <= 1.0
     changed = [name for name, value in trainer.model.state_dict().items() if not torch.equal(value, before[name])]
     assert "rnn.weight_hh_l0" in changed and "head.bias" in changed
+
+
+def test_the_weight_average_follows_the_weights_and_gives_them_back():
+    model = torch.nn.BatchNorm1d(2)  # float parameters and an integer buffer (num_batches_tracked)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    averaged = WeightAverage(model, 0.75)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+        model.num_batches_tracked.fill_(7)
+    averaged.update(model)
+    averaged.update(model)
+    torch.testing.assert_close(averaged.values["weight"], torch.full((2,), 1.75))  # 0 -> 1 -> 1.75
+    with averaged.swapped_into(model):
+        assert torch.all(model.weight == 1.75) and int(model.num_batches_tracked) == 7
+    assert torch.all(model.weight == 4.0)
+
+
+def test_with_a_weight_average_the_round_kept_holds_the_averaged_weights():
+    from dataclasses import replace
+
+    trainer = _trainer(UNKNOWN)
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    # Averaged so slowly that the average stays at the starting weights while the live ones move.
+    trainer.settings = replace(trainer.settings, rounds=1, batches_per_round=2, weight_average=1 - 1e-9)
+    history = trainer.train()
+    assert history[-1] == {"chosen_round": 1}
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="weight_average must be in"):
+        ContinuousSpeechTraining(weight_average=1.0)
 
 
 def test_an_unknown_stream_loss_is_refused_with_the_choices():
