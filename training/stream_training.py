@@ -109,6 +109,10 @@ class ContinuousSpeechTraining:
     # chosen among them; the live weights go on training (and mining) unaveraged. keywords/7's
     # recall at <= 2 false alarms/h swung between 0.59 and 0.71 from one round to the next.
     weight_average: float = 0.0
+    weight_average_warm_up: int = 10  # WeightAverage's warm_up (0: none)
+    # The share of training recordings played faster or slower (Mix.speed_probability, by a
+    # factor in Mix.speed): new vocal tracts for the held-out engine's sake; 0 until keywords/8.
+    speed_perturbation: float = 0.0
     seed: int = 13
 
     def __post_init__(self) -> None:
@@ -116,6 +120,8 @@ class ContinuousSpeechTraining:
             raise ValueError(f"loss must be one of {STREAM_LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.weight_average < 1.0:
             raise ValueError(f"weight_average must be in [0, 1), got {self.weight_average}")
+        if not 0.0 <= self.speed_perturbation <= 1.0:
+            raise ValueError(f"speed_perturbation must be in [0, 1], got {self.speed_perturbation}")
 
 
 QUICK_CONTINUOUS_TRAINING = ContinuousSpeechTraining(rounds=2, batches_per_round=4, lanes=4, recording_seconds=10.0,
@@ -194,18 +200,24 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
 
 
 class WeightAverage:
-    """An exponential moving average of a model's floating-point parameters and buffers."""
+    """An exponential moving average of a model's floating-point parameters and buffers.
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    warm_up: the decay of the n-th update is min(decay, (1 + n) / (warm_up + n)), so the first
+    updates forget the starting weights quickly (a fresh head on pretrained weights would otherwise
+    weigh on the average for thousands of steps: 0.999 ** 600 is 0.55); 0 uses `decay` throughout."""
+
+    def __init__(self, model: nn.Module, decay: float, warm_up: int = 10):
+        self.decay, self.warm_up, self.updates = decay, warm_up, 0
         self.values = {name: value.detach().clone() for name, value in model.state_dict().items()
                        if value.is_floating_point()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (self.warm_up + self.updates)) if self.warm_up else self.decay
         for name, value in model.state_dict().items():
             if name in self.values:
-                self.values[name].lerp_(value, 1.0 - self.decay)
+                self.values[name].lerp_(value, 1.0 - decay)
 
     def state_dict(self, model: nn.Module) -> dict:
         """The model's state with the averaged values in place of its own."""
@@ -287,7 +299,8 @@ class StreamTrainer:
         settings, config = self.settings, self.frontend.config
         recordings = [compose(self.banks["train"], settings.recording_seconds, self.rng,
                               replace(Mix(), hard_negative=settings.hard_negative_share,
-                                      festival_voice=settings.festival_voice),
+                                      festival_voice=settings.festival_voice,
+                                      speed_probability=settings.speed_perturbation),
                               hard_negatives=self.hard_negatives or None)
                       for _ in range(settings.lanes)]
         # Every batch has the same shape (a whole number of chunks): PyTorch's CPU LSTM builds its
@@ -366,7 +379,8 @@ class StreamTrainer:
 
     def _rounds(self, model, optimizer, scheduler, history, best, state, tqdm) -> list[dict]:
         settings = self.settings
-        averaged = WeightAverage(model, settings.weight_average) if settings.weight_average else None
+        averaged = (WeightAverage(model, settings.weight_average, settings.weight_average_warm_up)
+                    if settings.weight_average else None)
 
         for round_number in range(1, settings.rounds + 1):
             model.train()

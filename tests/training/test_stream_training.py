@@ -192,7 +192,7 @@ def test_the_weight_average_follows_the_weights_and_gives_them_back():
     model = torch.nn.BatchNorm1d(2)  # float parameters and an integer buffer (num_batches_tracked)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    averaged = WeightAverage(model, 0.75)
+    averaged = WeightAverage(model, 0.75, warm_up=0)
     with torch.no_grad():
         model.weight.fill_(4.0)
         model.num_batches_tracked.fill_(7)
@@ -203,6 +203,24 @@ def test_the_weight_average_follows_the_weights_and_gives_them_back():
         assert torch.all(model.weight == 1.75) and int(model.num_batches_tracked) == 7
     assert torch.all(model.weight == 4.0)
 
+    # With a warm-up of 4 the decays are min(0.75, 2/5, 3/6, 4/7, 5/8, 6/9, 7/10, 8/11): 0.4, 0.5, ...
+    warmed = WeightAverage(model, 0.75, warm_up=4)
+    with torch.no_grad():
+        for target in (8.0, 0.0):
+            model.weight.fill_(target)
+            warmed.update(model)
+    expected = 4.0
+    for decay, target in ((0.4, 8.0), (0.5, 0.0)):
+        expected = decay * expected + (1 - decay) * target
+    torch.testing.assert_close(warmed.values["weight"], torch.full((2,), expected))  # 4 -> 6.4 -> 3.2
+    for _ in range(20):
+        warmed.update(model)
+    assert warmed.updates == 22
+    # 4/7, 5/8, 6/9, 7/10, 8/11, then capped at 0.75 from the 8th update (9/12) on.
+    decays = [min(0.75, (1 + n) / (4 + n)) for n in range(3, 23)]
+    assert decays[5:] == [0.75] * 15
+    torch.testing.assert_close(warmed.values["weight"], torch.full((2,), 3.2 * float(np.prod(decays))))
+
 
 def test_with_a_weight_average_the_round_kept_holds_the_averaged_weights():
     from dataclasses import replace
@@ -210,13 +228,16 @@ def test_with_a_weight_average_the_round_kept_holds_the_averaged_weights():
     trainer = _trainer(UNKNOWN)
     before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
     # Averaged so slowly that the average stays at the starting weights while the live ones move.
-    trainer.settings = replace(trainer.settings, rounds=1, batches_per_round=2, weight_average=1 - 1e-9)
+    trainer.settings = replace(trainer.settings, rounds=1, batches_per_round=2, weight_average=1 - 1e-9,
+                               weight_average_warm_up=0)
     history = trainer.train()
     assert history[-1] == {"chosen_round": 1}
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="weight_average must be in"):
         ContinuousSpeechTraining(weight_average=1.0)
+    with pytest.raises(ValueError, match="speed_perturbation must be in"):
+        ContinuousSpeechTraining(speed_perturbation=1.5)
 
 
 def test_an_unknown_stream_loss_is_refused_with_the_choices():

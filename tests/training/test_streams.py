@@ -109,6 +109,38 @@ def test_composed_recording_holds_its_keywords_where_it_says():
     assert np.abs(recording.samples[~spoken]).max() < 1e-6
 
 
+def _peak_hz(samples: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples)), n=1 << 16))
+    return float(np.argmax(spectrum) * 16000 / (1 << 16))
+
+
+def test_a_sped_up_recording_moves_its_keyword_times_and_pitch_with_the_speed():
+    bank = _tone_bank()
+    rng_plain, rng_sped = np.random.default_rng(3), np.random.default_rng(3)
+    # Off (the default), nothing is drawn for it: the same recording as before it existed.
+    plain = compose(bank, 40.0, rng_plain, replace(QUIET, speed=(1.25, 1.25)))
+    np.testing.assert_array_equal(plain.samples, compose(bank, 40.0, np.random.default_rng(3), QUIET).samples)
+
+    sped = compose(bank, 40.0, rng_sped, replace(QUIET, speed_probability=1.0, speed=(1.25, 1.25)))
+    assert len(sped.samples) >= 40 * 16000 and sped.keywords
+    said = [*bank.of_kind("keyword"), *bank.of_kind("sentence")]
+    for label, start, end in sped.keywords:
+        segment = sped.samples[round(start * 16000) : round(end * 16000)]
+        # A take of that keyword, a quarter higher and a fifth shorter.
+        takes = []
+        for i in said:
+            if bank.labels[i] == label:
+                a, b = (round(t * 16000) for t in bank.keyword_span(i))
+                takes.append(bank.utterance(i)[a:b])
+        assert any(abs(len(segment) - len(take) / 1.25) <= 2 and abs(_peak_hz(segment) - 1.25 * _peak_hz(take)) < 2
+                   for take in takes), label
+    spoken = np.zeros(len(sped.samples), bool)
+    for start, end in sped.speech:
+        spoken[max(0, round(start * 16000) - 40) : round(end * 16000) + 40] = True
+        assert np.abs(sped.samples[round(start * 16000) : round(end * 16000)]).max() > 0.01
+    assert np.abs(sped.samples[~spoken]).max() < 0.05  # silence between (the resampler's edges aside)
+
+
 def test_frame_targets_mark_keyword_ends_speech_and_silence():
     recording = Recording(np.zeros(5 * 16000, np.float32), [("stop", 1.0, 1.5)], [(1.0, 1.5), (3.0, 4.0)])
     frames = (len(recording.samples) - 480) // 320 + 1

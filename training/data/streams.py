@@ -671,6 +671,11 @@ class Mix:
     # speech was all but never heard, and the clip accuracy on those very voices was 0.55.
     festival_voice: float = 0.0
     pause_s: tuple[float, float] = (0.25, 1.0)
+    # Speed perturbation: the share of recordings whose foreground speech is resampled to play
+    # faster or slower by a factor drawn from `speed`, which moves pitch and formants together
+    # (a longer or shorter vocal tract, a new speaker) and the tempo; the keyword times move with it.
+    speed_probability: float = 0.0
+    speed: tuple[float, float] = (0.9, 1.1)
     gain_db: tuple[float, float] = (-15.0, 4.0)  # per segment
     noise_probability: float = 0.7
     snr_db: tuple[float, float] = (5.0, 30.0)
@@ -716,10 +721,12 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
     if not len(by_kind["near_miss"]):
         odds[3] = 0
     odds = odds / odds.sum()
+    # Drawn only when asked for, so that recordings without it keep their draws.
+    speed = float(rng.uniform(*mix.speed)) if mix.speed_probability and rng.random() < mix.speed_probability else 1.0
     built = _Builder(rng, mix)
     built.pause(mix.pause_s)
 
-    while built.position < seconds * SAMPLE_RATE_HZ:
+    while built.position < seconds * speed * SAMPLE_RATE_HZ:  # still `seconds` long once sped up
         kind = kinds[int(rng.choice(len(kinds), p=odds))]
         if kind in ("command", "in_speech"):
             built.say_keyword(bank, int(rng.choice(by_kind["keyword" if kind == "command" else "sentence"])))
@@ -736,8 +743,20 @@ def compose(bank: Bank, seconds: float, rng: np.random.Generator, mix: Mix = Mix
             built.pause((0.1, 0.5))
         else:
             built.pause((1.0, 3.0))
-    samples = _conditions(built.samples(), bank, voices, rng, mix, fast=True)
-    return Recording(samples, built.keywords, built.speech, built.in_sentence, [str(voice) for voice in voices])
+    foreground, keywords, speech = built.samples(), built.keywords, built.speech
+    if speed != 1.0:
+        foreground, keywords, speech = _sped_up(foreground, keywords, speech, speed)
+    samples = _conditions(foreground, bank, voices, rng, mix, fast=True)
+    return Recording(samples, keywords, speech, built.in_sentence, [str(voice) for voice in voices])
+
+
+def _sped_up(samples: np.ndarray, keywords: list[tuple[str, float, float]], speech: list[tuple[float, float]],
+             factor: float):
+    """The samples played `factor` times as fast (resampled), with the keyword and speech times
+    where they then lie."""
+    faster = soxr.resample(samples, SAMPLE_RATE_HZ * factor, SAMPLE_RATE_HZ).astype(np.float32)
+    return (faster, [(keyword, start / factor, end / factor) for keyword, start, end in keywords],
+            [(start / factor, end / factor) for start, end in speech])
 
 
 def _noise(samples: int, colour: str, rng: np.random.Generator, fast: bool = False) -> np.ndarray:
