@@ -373,9 +373,7 @@ class StreamTrainer:
         state = None
         from tqdm.auto import tqdm
 
-        # The batches are made on a thread of their own (_prepared): leave it a core.
-        with core_left_free():
-            return self._rounds(model, optimizer, scheduler, history, best, state, tqdm)
+        return self._rounds(model, optimizer, scheduler, history, best, state, tqdm)
 
     def _rounds(self, model, optimizer, scheduler, history, best, state, tqdm) -> list[dict]:
         settings = self.settings
@@ -387,37 +385,11 @@ class StreamTrainer:
             losses = []
             bar = tqdm(range(settings.batches_per_round), desc=f"keywords round {round_number}/{settings.rounds}",
                        disable=not self.progress, leave=False, unit="batch")
-            batches = self._prepared(settings.batches_per_round)
-            for _, batch in zip(bar, batches, strict=True):
-                features, targets, windows, frame_weights, resets, clip_batches = batch
-                state = _reset_lanes(state, resets)
-                # Truncated backpropagation through time: one optimizer step per chunk, the state
-                # carried into the next chunk without its gradient. Each step also takes a batch
-                # of joined clips with the clip objective.
-                for start, (clip_features, clip_targets) in zip(range(0, features.shape[1], settings.chunk_frames),
-                                                                clip_batches, strict=True):
-                    piece = features[:, start : start + settings.chunk_frames]
-                    logits, state = frame_logits(model, piece, state)
-                    state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-                    chunk_targets = targets[:, start : start + settings.chunk_frames]
-                    if windows is not None:
-                        chunk_targets = pick_maxima(logits, chunk_targets, windows, start)
-                    stream_loss = weighted_cross_entropy(
-                        logits, chunk_targets, frame_weights[:, start : start + settings.chunk_frames], self.weights)
-                    pooled = clip_logits(frame_logits(model, clip_features, None, "clip")[0], self.clip_ranges,
-                                         "frame_max")
-                    clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),
-                                                            clip_targets.reshape(-1))
-                    optimizer.zero_grad(set_to_none=True)
-                    (stream_loss + settings.clip_weight * clip_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    if averaged is not None:
-                        averaged.update(model)
-                    losses.append((stream_loss.item(), clip_loss.item()))
-                recent = np.mean(losses[-20:], axis=0)
-                bar.set_postfix(stream=f"{recent[0]:.3f}", clips=f"{recent[1]:.3f}")
+            # The batches are made on a thread of their own (_prepared): leave it a core while
+            # they are; mining and judging, after, have both.
+            with core_left_free():
+                state = self._train_round(model, optimizer, scheduler, averaged, state, bar,
+                                          self._prepared(settings.batches_per_round), losses)
             mined = self.mine() if round_number < settings.rounds else 0
             if averaged is None:
                 validation = self.judge()
@@ -443,6 +415,42 @@ class StreamTrainer:
         model.load_state_dict(best[1])
         history.append({"chosen_round": best[2]})
         return history
+
+    def _train_round(self, model, optimizer, scheduler, averaged, state, bar, batches, losses: list):
+        """One round's batches; each step's (stream loss, clip loss) appended to losses. Returns the
+        carried state."""
+        settings = self.settings
+        for _, batch in zip(bar, batches, strict=True):
+            features, targets, windows, frame_weights, resets, clip_batches = batch
+            state = _reset_lanes(state, resets)
+            # Truncated backpropagation through time: one optimizer step per chunk, the state
+            # carried into the next chunk without its gradient. Each step also takes a batch
+            # of joined clips with the clip objective.
+            for start, (clip_features, clip_targets) in zip(range(0, features.shape[1], settings.chunk_frames),
+                                                            clip_batches, strict=True):
+                piece = features[:, start : start + settings.chunk_frames]
+                logits, state = frame_logits(model, piece, state)
+                state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+                chunk_targets = targets[:, start : start + settings.chunk_frames]
+                if windows is not None:
+                    chunk_targets = pick_maxima(logits, chunk_targets, windows, start)
+                stream_loss = weighted_cross_entropy(
+                    logits, chunk_targets, frame_weights[:, start : start + settings.chunk_frames], self.weights)
+                pooled = clip_logits(frame_logits(model, clip_features, None, "clip")[0], self.clip_ranges,
+                                     "frame_max")
+                clip_loss = nn.functional.cross_entropy(pooled.reshape(-1, pooled.shape[-1]),
+                                                        clip_targets.reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                (stream_loss + settings.clip_weight * clip_loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                if averaged is not None:
+                    averaged.update(model)
+                losses.append((stream_loss.item(), clip_loss.item()))
+            recent = np.mean(losses[-20:], axis=0)
+            bar.set_postfix(stream=f"{recent[0]:.3f}", clips=f"{recent[1]:.3f}")
+        return state
 
     def mine(self) -> int:
         """Run over held-out prose of the training speakers; keep each stretch it fires on."""
