@@ -210,16 +210,18 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float, warm_up: int = 10):
         self.decay, self.warm_up, self.updates = decay, warm_up, 0
-        self.values = {name: value.detach().clone() for name, value in model.state_dict().items()
-                       if value.is_floating_point()}
+        # The model's own tensors (state_dict aliases them; training and load_state_dict change
+        # them in place), so that an update needs no state_dict of its own.
+        self.live = {name: value for name, value in model.state_dict().items() if value.is_floating_point()}
+        self.values = {name: value.detach().clone() for name, value in self.live.items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average towards `model`'s weights (the model it was made for)."""
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (self.warm_up + self.updates)) if self.warm_up else self.decay
-        for name, value in model.state_dict().items():
-            if name in self.values:
-                self.values[name].lerp_(value, 1.0 - decay)
+        # (1 + n) / n > 1 when warm_up is 0: `decay` throughout.
+        decay = min(self.decay, (1 + self.updates) / (self.warm_up + self.updates))
+        torch._foreach_lerp_(list(self.values.values()), [self.live[name] for name in self.values], 1.0 - decay)
 
     def state_dict(self, model: nn.Module) -> dict:
         """The model's state with the averaged values in place of its own."""
